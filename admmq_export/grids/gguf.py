@@ -1,0 +1,146 @@
+"""GGUF block grids: the values llama.cpp's `dequantize_row_*` can produce, parameterised by the block fields.
+
+Every grid keeps the file's own fields (fp16 `d`/`m`/`dmin`, integer sub-scales) as its parameters, so a
+converter packs them verbatim.  The affine maps follow ggml-quants.c exactly (formats.md §1.5):
+  Q4_0 (q−8)·d    Q5_0 (q−16)·d   Q8_0 (q−128)·d (code = int8+128)   Q4_1/Q5_1 q·d + m
+  Q2_K/Q4_K/Q5_K (d·sc_j)·q − dmin·m_j     Q3_K (d·(S_j−32))·(q−4)     Q6_K (d·sc_j)·(q−32)
+All products are exact in fp32; the only rounding is the final add, as in llama.cpp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Grid
+
+F16 = torch.float16
+
+
+def _f16(x):
+    return x.to(F16)
+
+
+def _safe_div(x, d):
+    return x / torch.where(d == 0, torch.ones_like(d), d)
+
+
+def _signed_absmax(Wu):
+    """The element of largest magnitude, with its sign (llama.cpp's `max` in quantize_row_q4_0)."""
+    idx = Wu.abs().argmax(-1, keepdim=True)
+    return Wu.gather(-1, idx).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class GGUFGrid(Grid):
+    ggml_type: str = ""
+    family: str = "gguf"
+
+    @property
+    def name(self) -> str:
+        return f"gguf_{self.ggml_type.lower()}"
+
+    def spec(self) -> dict:
+        return {"kind": "gguf", "type": self.ggml_type}
+
+    def bits_per_weight(self, cols: int) -> float:
+        return BPW[self.ggml_type]
+
+
+BPW = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5,
+       "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
+
+
+@dataclass(frozen=True)
+class SymBlockGrid(GGUFGrid):
+    """Q4_0, Q5_0, Q8_0: one fp16 `d` per 32, w = (q − offset)·d."""
+
+    offset: int = 8
+
+    def fit_units(self, Wu):
+        if self.ggml_type == "Q8_0":
+            d = Wu.abs().amax(-1) / 127
+        else:
+            d = _signed_absmax(Wu) / -self.offset
+        return {"d": _f16(d).unsqueeze(-1)}
+
+    def affine_units(self, params):
+        d = params["d"].float()
+        return d, -self.offset * d
+
+
+@dataclass(frozen=True)
+class MinBlockGrid(GGUFGrid):
+    """Q4_1, Q5_1: fp16 `d` and `m` per 32, w = q·d + m."""
+
+    def fit_units(self, Wu):
+        lo, hi = Wu.amin(-1), Wu.amax(-1)
+        return {"d": _f16((hi - lo) / self.qmax).unsqueeze(-1), "m": _f16(lo).unsqueeze(-1)}
+
+    def affine_units(self, params):
+        return params["d"].float(), params["m"].float()
+
+
+@dataclass(frozen=True)
+class KMinGrid(GGUFGrid):
+    """Q2_K, Q4_K, Q5_K: fp16 `d`, `dmin` per 256; unsigned sub-scale sc_j and min m_j per sub-block."""
+
+    sc_max: int = 63  # 6-bit (Q4_K/Q5_K) or 4-bit (Q2_K)
+
+    def fit_units(self, Wu):
+        R, U, G = Wu.shape
+        sub = Wu.reshape(R, U, G // self.sub_size, self.sub_size)
+        lo = sub.amin(-1).clamp(max=0)
+        hi = sub.amax(-1).clamp(min=0)
+        scale = (hi - lo) / self.qmax
+        mins = -lo
+        d = _f16(scale.amax(-1) / self.sc_max)
+        dmin = _f16(mins.amax(-1) / self.sc_max)
+        sc = torch.round(_safe_div(scale, d.float().unsqueeze(-1))).clamp(0, self.sc_max)
+        m = torch.round(_safe_div(mins, dmin.float().unsqueeze(-1))).clamp(0, self.sc_max)
+        return {"d": d.unsqueeze(-1), "dmin": dmin.unsqueeze(-1), "sc": sc.to(torch.uint8), "m": m.to(torch.uint8)}
+
+    def affine_units(self, params):
+        a = params["d"].float() * params["sc"].float()
+        b = -(params["dmin"].float() * params["m"].float())
+        return a, b
+
+
+@dataclass(frozen=True)
+class KSymGrid(GGUFGrid):
+    """Q3_K (6-bit signed scales, code offset 4) and Q6_K (int8 scales, offset 32): w = (d·sc_j)·(q − offset)."""
+
+    offset: int = 4
+    sc_lo: int = -32
+    sc_hi: int = 31
+
+    def fit_units(self, Wu):
+        R, U, G = Wu.shape
+        sub = Wu.reshape(R, U, G // self.sub_size, self.sub_size)
+        scale = _signed_absmax(sub) / -self.offset
+        amax = scale.abs().amax(-1)
+        d = _f16(amax / max(-self.sc_lo, self.sc_hi))
+        sc = torch.round(_safe_div(scale, d.float().unsqueeze(-1))).clamp(self.sc_lo, self.sc_hi)
+        return {"d": d.unsqueeze(-1), "sc": sc.to(torch.int8)}
+
+    def affine_units(self, params):
+        a = params["d"].float() * params["sc"].float()
+        return a, -self.offset * a
+
+
+def _grids():
+    return {
+        "Q4_0": SymBlockGrid(bits=4, group_size=32, qmax=15, offset=8, ggml_type="Q4_0"),
+        "Q5_0": SymBlockGrid(bits=5, group_size=32, qmax=31, offset=16, ggml_type="Q5_0"),
+        "Q8_0": SymBlockGrid(bits=8, group_size=32, qmax=255, offset=128, ggml_type="Q8_0"),
+        "Q4_1": MinBlockGrid(bits=4, group_size=32, qmax=15, ggml_type="Q4_1"),
+        "Q5_1": MinBlockGrid(bits=5, group_size=32, qmax=31, ggml_type="Q5_1"),
+        "Q2_K": KMinGrid(bits=2, group_size=256, sub_size=16, qmax=3, sc_max=15, ggml_type="Q2_K"),
+        "Q4_K": KMinGrid(bits=4, group_size=256, sub_size=32, qmax=15, sc_max=63, ggml_type="Q4_K"),
+        "Q5_K": KMinGrid(bits=5, group_size=256, sub_size=32, qmax=31, sc_max=63, ggml_type="Q5_K"),
+        "Q3_K": KSymGrid(bits=3, group_size=256, sub_size=16, qmax=7, offset=4, sc_lo=-32, sc_hi=31, ggml_type="Q3_K"),
+        "Q6_K": KSymGrid(bits=6, group_size=256, sub_size=16, qmax=63, offset=32, sc_lo=-128, sc_hi=127, ggml_type="Q6_K"),
+    }
+
+
+GGUF_GRIDS = _grids()

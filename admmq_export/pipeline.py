@@ -1,0 +1,293 @@
+"""Sequential ("true sequential") calibration pipeline.
+
+For each decoder layer: capture its inputs, find the groups of linears that read the same input (q/k/v,
+o, gate/up, down), accumulate H = 2·XᵀX/n in fp32 per group, quantize each linear of the group, write the
+dequantized weight back, re-run the layer so the next group sees quantized inputs, and feed the quantized
+layer's outputs to the next layer. Only the current layer sits on the compute device.
+After each layer the state is saved beside the output, so `--resume` continues where it stopped.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .errors import UserError
+from .grids import Grid
+from .ir import QuantizedLinear, QuantizedModel
+from .quantizers import get_quantizer, layer_objective
+
+GridPlan = Callable[[str, tuple], "Grid | None"]  # HF weight name, shape -> grid (None: keep float)
+
+
+@dataclass
+class PipelineOptions:
+    method: str = "rtn"
+    method_options: dict = field(default_factory=dict)
+    device: str = "cpu"
+    state_dir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+def _layer_kwargs(model, sample: torch.Tensor) -> list[dict]:
+    """The keyword arguments (masks, rotary embeddings, ...) every decoder layer receives, from one forward."""
+    layers = decoder_layers(model)
+    kwargs: list[dict] = [None] * len(layers)  # type: ignore[list-item]
+    hidden0 = {}
+
+    def hook(i):
+        def fn(mod, args, kw):
+            kw = dict(kw)
+            if args:
+                kw.pop("hidden_states", None)
+                hs = args[0]
+            else:
+                hs = kw.pop("hidden_states")
+            kwargs[i] = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            if i == 0:
+                hidden0["x"] = hs
+            if i == len(layers) - 1:
+                raise _Stop
+
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model(sample, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return kwargs
+
+
+def _layer_inputs(model, samples: torch.Tensor) -> torch.Tensor:
+    """Hidden states entering layer 0 for every sample, [n, L, hidden] fp32 (CPU)."""
+    layer0 = decoder_layers(model)[0]
+    out = []
+
+    def fn(mod, args, kw):
+        out.append((args[0] if args else kw["hidden_states"]).detach().cpu())
+        raise _Stop
+
+    h = layer0.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        for s in samples:
+            try:
+                with torch.no_grad():
+                    model(s.unsqueeze(0), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return torch.cat(out)
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _run_layer(layer, inps, kw, device) -> torch.Tensor:
+    outs = []
+    with torch.no_grad():
+        for x in inps:
+            y = layer(x.unsqueeze(0).to(device), **kw)
+            y = y[0] if isinstance(y, tuple) else y
+            outs.append(y.detach().cpu().reshape(x.shape))
+    return torch.stack(outs)
+
+
+def _linear_groups(layer, inps, kw, device) -> list[list[str]]:
+    """Linears of the layer in call order, grouped by shared input tensor (one H per group)."""
+    order: list[tuple[str, int]] = []
+    handles = []
+    for name, mod in layer.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: order.append((n, id(a[0])))))
+    try:
+        _run_layer(layer, inps[:1], kw, device)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, key in order:
+        if groups and key == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = key
+    return groups
+
+
+def _hessian(layer, names: list[str], inps, kw, device) -> torch.Tensor:
+    mod = layer.get_submodule(names[0])
+    acc = {"H": None, "n": 0}
+
+    def fn(m, a, o):
+        x = a[0].detach().reshape(-1, a[0].shape[-1]).float()
+        acc["H"] = x.T @ x if acc["H"] is None else acc["H"] + x.T @ x
+        acc["n"] += x.shape[0]
+
+    h = mod.register_forward_hook(fn)
+    try:
+        _run_layer(layer, inps, kw, device)
+    finally:
+        h.remove()
+    return (2.0 / acc["n"]) * acc["H"]
+
+
+class StateStore:
+    """Per-layer checkpoint beside the output: quantized linears so far + the next layer's inputs."""
+
+    def __init__(self, d: Path | None):
+        self.d = d
+
+    def load(self):
+        if self.d is None or not (self.d / "state.safetensors").is_file():
+            return -1, None, {}
+        flat = load_file(str(self.d / "state.safetensors"))
+        import json
+
+        info = json.loads((self.d / "state.json").read_text())
+        from .grids import from_spec
+
+        linears = {}
+        for k, spec in info["linears"].items():
+            params = {p: flat.pop(f"{k}.param.{p}") for p in spec["params"]}
+            linears[k] = QuantizedLinear(from_spec(spec["grid"]), flat.pop(f"{k}.codes"), params, flat.pop(f"{k}.g_idx", None))
+        return info["done"], flat.pop("__inps__"), (linears, info["stats"])
+
+    def save(self, done: int, inps: torch.Tensor, linears: dict, stats: dict) -> None:
+        if self.d is None:
+            return
+        import json
+
+        self.d.mkdir(parents=True, exist_ok=True)
+        flat = {"__inps__": inps.contiguous()}
+        spec = {}
+        for k, q in linears.items():
+            flat[f"{k}.codes"] = q.codes.contiguous()
+            for p, t in q.params.items():
+                flat[f"{k}.param.{p}"] = t.contiguous()
+            if q.g_idx is not None:
+                flat[f"{k}.g_idx"] = q.g_idx.contiguous()
+            spec[k] = {"grid": q.grid.spec(), "params": sorted(q.params)}
+        tmp = self.d / "state.safetensors.tmp"
+        save_file(flat, str(tmp))
+        (self.d / "state.json.tmp").write_text(json.dumps({"done": done, "linears": spec, "stats": stats}))
+        tmp.replace(self.d / "state.safetensors")
+        (self.d / "state.json.tmp").replace(self.d / "state.json")
+
+    def clear(self):
+        if self.d is not None and self.d.exists():
+            shutil.rmtree(self.d)
+
+
+def quantize_model(model, samples: torch.Tensor, plan: GridPlan, opts: PipelineOptions,
+                   meta: dict | None = None) -> tuple[QuantizedModel, dict]:
+    """Run the sequential pipeline; returns the IR and per-linear statistics."""
+    quantize = get_quantizer(opts.method)
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available", "use --device cpu")
+    model = model.eval()  # loaded in fp32 on the CPU; layers move to `device` one at a time
+    layers = decoder_layers(model)
+    store = StateStore(opts.state_dir)
+    done, inps, saved = store.load() if opts.resume else (-1, None, {})
+    linears: dict[str, QuantizedLinear] = {}
+    stats: dict[str, dict] = {}
+    if saved:
+        linears, stats = saved
+        sd = {k: q.dequant().float() for k, q in linears.items()}
+        model.load_state_dict(sd, strict=False)
+    kwargs = _layer_kwargs(model, samples[:1])
+    if inps is None:
+        inps = _layer_inputs(model, samples)
+    prefix = "model.layers"
+    t0 = time.time()
+    bar = tqdm(range(done + 1, len(layers)), desc=f"{opts.method} layers", unit="layer", disable=not opts.progress,
+               initial=done + 1, total=len(layers))
+    for i in bar:
+        layer = layers[i].to(device)
+        kw = _to(kwargs[i], device)
+        for group in _linear_groups(layer, inps, kw, device):
+            todo = [(n, f"{prefix}.{i}.{n}.weight") for n in group]
+            todo = [(n, w, plan(w, tuple(layer.get_submodule(n).weight.shape))) for n, w in todo]
+            if not any(g for _, _, g in todo):
+                continue
+            H = _hessian(layer, group, inps, kw, device)
+            for n, wname, grid in todo:
+                if grid is None:
+                    continue
+                mod = layer.get_submodule(n)
+                W = mod.weight.data.float()
+                grid.check_shape(*W.shape, name=wname)
+                ts = time.time()
+                res = quantize(W, H, grid, **opts.method_options)
+                ql = QuantizedLinear(grid, res.codes.cpu(), {k: v.cpu() for k, v in res.params.items()},
+                                     None if res.g_idx is None else res.g_idx.cpu())
+                Wq = ql.dequant().float()
+                mod.weight.data.copy_(Wq.to(mod.weight.device))
+                linears[wname] = ql
+                stats[wname] = {"seconds": time.time() - ts, "objective": layer_objective(W, Wq.to(W.device), H),
+                                "grid": grid.name, **{k: v for k, v in res.stats.items() if isinstance(v, (int, float, str))}}
+        inps = _run_layer(layer, inps, kw, device)
+        layers[i] = layer.cpu()
+        store.save(i, inps, linears, stats)
+        bar.set_postfix(s_per_layer=f"{(time.time() - t0) / (i - done):.2f}")
+    _quantize_extra(model, plan, linears, stats)
+    sd = model.state_dict()
+    tensors = {k: v.detach().float().clone() for k, v in sd.items() if k not in linears}
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    config = model.config.to_dict()
+    ir = QuantizedModel(config, tensors, linears, dict(meta or {}))
+    ir.meta.setdefault("method", opts.method)
+    ir.meta.setdefault("method_options", opts.method_options)
+    return ir, stats
+
+
+def _quantize_extra(model, plan: GridPlan, linears: dict, stats: dict) -> None:
+    """Token embedding and output head (when the plan asks for them): RTN on their grid, no Hessian."""
+    from .quantizers.rtn import quantize_rtn
+
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    names = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    sd = dict(model.named_parameters())
+    for name in names:
+        if name not in sd:
+            continue
+        W = sd[name].data
+        grid = plan(name, tuple(W.shape))
+        if grid is None:
+            continue
+        grid.check_shape(*W.shape, name=name)
+        res = quantize_rtn(W.float(), None, grid)
+        ql = QuantizedLinear(grid, res.codes, res.params)
+        W.copy_(ql.dequant().float())
+        linears[name] = ql
+        stats[name] = {"seconds": 0.0, "objective": float("nan"), "grid": grid.name, "method": "rtn"}

@@ -1,0 +1,59 @@
+"""Quantizer registry. A quantizer maps (W, H, grid) to codes and grid parameters on that grid:
+
+    quantize(W [out, in] fp32, H [in, in] fp32 or None, grid, **options) -> QuantResult
+
+It never sees a file format: the grid is the whole contract (grids/base.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass
+class QuantResult:
+    codes: torch.Tensor  # uint8 [out, in]
+    params: dict[str, torch.Tensor]
+    g_idx: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+QUANTIZERS: dict[str, Callable[..., QuantResult]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        QUANTIZERS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_quantizer(name: str):
+    _load_all()
+    if name not in QUANTIZERS:
+        raise UserError(f"unknown method {name!r}", f"use one of {', '.join(sorted(QUANTIZERS))}")
+    return QUANTIZERS[name]
+
+
+def _load_all():
+    import importlib
+
+    for mod in ("rtn", "gptq", "admmq"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+def layer_objective(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
+    """½·Tr((Wq−W) H (Wq−W)ᵀ) in fp64 (H None: ½‖Wq−W‖²)."""
+    E = (Wq.double() - W.double())
+    if H is None:
+        return 0.5 * float((E * E).sum())
+    return 0.5 * float(((E @ H.double()) * E).sum())
