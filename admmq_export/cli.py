@@ -197,8 +197,26 @@ def cmd_formats(argv) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and one-line errors only: silence transformers' bars and warnings."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return {"eval": cmd_eval, "check": cmd_check, "formats": cmd_formats}[argv[0]](argv[1:])

@@ -123,6 +123,12 @@ def _patched_gguf_reader():
 def load_gguf(path: Path, dtype=torch.float32) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)  # its per-tensor bar has no off switch
     arch, tok_md = _gguf_metadata(path)
     _check_arch(arch, str(path))
     d, f = str(path.parent), path.name
@@ -133,6 +139,11 @@ def load_gguf(path: Path, dtype=torch.float32) -> LoadedModel:
         if isinstance(v, int) and vocab and not 0 <= v < vocab:
             setattr(config, attr, None)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=config, dtype=dtype)
+    # The tensors are already dequantized to plain floats: drop the GGUF "quantizer" marker so the model
+    # behaves (and saves) like any float model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     reader, orig, safe = _patched_gguf_reader()
     reader.read_gguf_metadata = safe
     try:
