@@ -135,6 +135,10 @@ def cmd_export(argv) -> int:
         import shutil
 
         shutil.rmtree(opts_state)
+    import resource
+
+    report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report["seconds"] = round(time.time() - t0, 2)
     if a.json_report:
         Path(a.json_report).write_text(json.dumps({"stats": stats, "report": report}, indent=1, default=str))
     n = len(stats)

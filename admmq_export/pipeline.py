@@ -122,11 +122,11 @@ def _run_layer(layer, inps, kw, device) -> torch.Tensor:
 
 def _linear_groups(layer, inps, kw, device) -> list[list[str]]:
     """Linears of the layer in call order, grouped by shared input tensor (one H per group)."""
-    order: list[tuple[str, int]] = []
+    order: list[tuple[str, torch.Tensor]] = []  # keeps the inputs alive: ids of freed tensors get reused
     handles = []
     for name, mod in layer.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: order.append((n, id(a[0])))))
+            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: order.append((n, a[0]))))
     try:
         _run_layer(layer, inps[:1], kw, device)
     finally:
@@ -135,7 +135,7 @@ def _linear_groups(layer, inps, kw, device) -> list[list[str]]:
     groups: list[list[str]] = []
     last = None
     for name, key in order:
-        if groups and key == last:
+        if groups and key is last:
             groups[-1].append(name)
         else:
             groups.append([name])
@@ -224,6 +224,9 @@ def quantize_model(model, samples: torch.Tensor, plan: GridPlan, opts: PipelineO
         linears, stats = saved
         sd = {k: q.dequant().float() for k, q in linears.items()}
         model.load_state_dict(sd, strict=False)
+    if not getattr(quantize, "needs_hessian", True) and not opts.method_options.get("clip_search"):
+        _quantize_weights_only(model, plan, quantize, opts, linears, stats)
+        return _finish(model, plan, linears, stats, opts, meta)
     kwargs = _layer_kwargs(model, samples[:1])
     if inps is None:
         inps = _layer_inputs(model, samples)
@@ -241,24 +244,42 @@ def quantize_model(model, samples: torch.Tensor, plan: GridPlan, opts: PipelineO
                 continue
             H = _hessian(layer, group, inps, kw, device)
             for n, wname, grid in todo:
-                if grid is None:
-                    continue
-                mod = layer.get_submodule(n)
-                W = mod.weight.data.float()
-                grid.check_shape(*W.shape, name=wname)
-                ts = time.time()
-                res = quantize(W, H, grid, **opts.method_options)
-                ql = QuantizedLinear(grid, res.codes.cpu(), {k: v.cpu() for k, v in res.params.items()},
-                                     None if res.g_idx is None else res.g_idx.cpu())
-                Wq = ql.dequant().float()
-                mod.weight.data.copy_(Wq.to(mod.weight.device))
-                linears[wname] = ql
-                stats[wname] = {"seconds": time.time() - ts, "objective": layer_objective(W, Wq.to(W.device), H),
-                                "grid": grid.name, **{k: v for k, v in res.stats.items() if isinstance(v, (int, float, str))}}
+                if grid is not None:
+                    _quantize_one(layer.get_submodule(n), wname, grid, quantize, H, opts.method_options, linears, stats)
         inps = _run_layer(layer, inps, kw, device)
         layers[i] = layer.cpu()
         store.save(i, inps, linears, stats)
         bar.set_postfix(s_per_layer=f"{(time.time() - t0) / (i - done):.2f}")
+    return _finish(model, plan, linears, stats, opts, meta)
+
+
+def _quantize_one(mod, wname, grid, quantize, H, method_options, linears, stats) -> None:
+    W = mod.weight.data.float().clone()  # the original weight, kept for the objective
+    grid.check_shape(*W.shape, name=wname)
+    ts = time.time()
+    res = quantize(W, H, grid, **method_options)
+    ql = QuantizedLinear(grid, res.codes.cpu(), {k: v.cpu() for k, v in res.params.items()},
+                         None if res.g_idx is None else res.g_idx.cpu())
+    Wq = ql.dequant().float()
+    mod.weight.data.copy_(Wq.to(mod.weight.device))
+    linears[wname] = ql
+    stats[wname] = {"seconds": time.time() - ts, "objective": layer_objective(W, Wq.to(W.device), H),
+                    "grid": grid.name, **{k: v for k, v in res.stats.items() if isinstance(v, (int, float, str))}}
+
+
+def _quantize_weights_only(model, plan, quantize, opts, linears, stats) -> None:
+    """Methods that need no activations (plain RTN): no calibration forward passes at all."""
+    layers = decoder_layers(model)
+    for i in tqdm(range(len(layers)), desc=f"{opts.method} layers", unit="layer", disable=not opts.progress):
+        for n, mod in layers[i].named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                wname = f"model.layers.{i}.{n}.weight"
+                grid = plan(wname, tuple(mod.weight.shape))
+                if grid is not None:
+                    _quantize_one(mod, wname, grid, quantize, None, opts.method_options, linears, stats)
+
+
+def _finish(model, plan, linears, stats, opts, meta):
     _quantize_extra(model, plan, linears, stats)
     sd = model.state_dict()
     tensors = {k: v.detach().float().clone() for k, v in sd.items() if k not in linears}

@@ -59,11 +59,13 @@ def test_same_inputs_give_byte_identical_output_and_resume_matches(tmp_path, mon
             raise KeyboardInterrupt
 
     monkeypatch.setattr(StateStore, "save", crash_after_layer_2)
-    assert main(export_args(c, "--asym", bits=3)) == 130
+    assert main(export_args(c, "--asym", "--clip-search", bits=3)) == 130
     assert not c.exists() and (tmp_path / "c.ir.admmq-state" / "state.json").is_file()
     monkeypatch.setattr(StateStore, "save", real_save)
-    assert main(export_args(c, "--asym", "--resume", bits=3)) == 0
-    assert (a / "ir.safetensors").read_bytes() == (c / "ir.safetensors").read_bytes()
+    assert main(export_args(c, "--asym", "--clip-search", "--resume", bits=3)) == 0
+    assert main(export_args(b, "--asym", "--clip-search", bits=3)) == 0  # the same run, uninterrupted
+    assert (b / "ir.safetensors").read_bytes() == (c / "ir.safetensors").read_bytes()
+    assert (a / "ir.safetensors").read_bytes() != (c / "ir.safetensors").read_bytes()  # H-weighted clipping changed codes
     assert not (tmp_path / "c.ir.admmq-state").exists()
 
 
@@ -101,3 +103,16 @@ def test_llamacpp_protocol_scores_second_half(stories):
     assert win.first == 64 and (win.ids[:, 0] == stories.tokenizer.bos_token_id).all()
     res = perplexity(stories.model, win)
     assert res["tokens"] == win.ids.shape[0] * 63
+
+
+def test_linear_groups_follow_shared_inputs(stories):
+    from admmq_export.calib import calibration_samples
+    from admmq_export.pipeline import _layer_inputs, _layer_kwargs, _linear_groups
+
+    samples = calibration_samples(stories.tokenizer, TINY_TEXT, 2, 32, 0)
+    kw = _layer_kwargs(stories.model, samples[:1])
+    inps = _layer_inputs(stories.model, samples)
+    for i in (0, 4):
+        groups = _linear_groups(stories.model.model.layers[i], inps, kw[i], "cpu")
+        assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
