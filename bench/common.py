@@ -1,0 +1,88 @@
+"""Shared pieces of the benchmark suites: run the real CLI, evaluate, record the machine and versions."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"  # scratch (ignored): written models
+RESULTS = ROOT / "bench" / "results"  # committed: one markdown section + one JSON per suite
+PLOTS = ROOT / "bench" / "plots"  # committed: PNG plots referenced from BENCHMARKS.md
+WIKI = "wikitext2-test.txt"
+C4_VAL = "c4-validation-2k.parquet"
+
+
+def shared_data(name: str) -> str:
+    from admmq_export.paths import shared
+
+    return str(shared("data", name))
+
+
+def cli(*args: str, timeout: int = 7200) -> tuple[float, str]:
+    """Run `admmq-export ARGS` in a subprocess; (seconds, stdout). Raises with stderr on failure."""
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "admmq_export", *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if p.returncode:
+        raise RuntimeError(f"admmq-export {' '.join(args)} failed: {p.stderr.strip()[-2000:]}")
+    return time.time() - t, p.stdout
+
+
+def export(model: str, to: str, out: Path, *extra: str) -> dict:
+    """Export and return the JSON report (stats per layer, seconds, peak RSS)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rep = out.with_name(out.name + ".report.json")
+    secs, _ = cli(model, "--to", to, "-o", str(out), "--quiet", "--json-report", str(rep), *extra)
+    doc = json.loads(rep.read_text())
+    doc["wall_seconds"] = secs
+    return doc
+
+
+def evaluate(target: str, data: str, protocol: str, windows: int, seqlen: int | None = None, reference: str | None = None) -> dict:
+    args = ["eval", target, "--data", shared_data(data), "--protocol", protocol, "--max-windows", str(windows), "--json"]
+    if seqlen:
+        args += ["--seqlen", str(seqlen)]
+    if reference:
+        args += ["--reference", reference]
+    _, out = cli(*args)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    for mod in ("gguf", "onnxruntime", "llama_cpp"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            pass
+    return info
+
+
+def md_table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save_section(name: str, markdown: str, data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))

@@ -1,0 +1,36 @@
+"""The CLI contract other issues rely on: formats, check, eval --json."""
+import json
+
+from admmq_export.cli import main
+from tests.conftest import TINY_TEXT, export_args
+
+
+def test_formats_lists_every_registered_converter(capsys):
+    from converters import all_converters
+
+    assert main(["formats"]) == 0
+    out = capsys.readouterr().out
+    for conv in all_converters():
+        for row in conv.support():
+            assert row["format"] in out
+
+
+def test_check_ir_and_eval_json(tmp_path, capsys):
+    out = tmp_path / "m.ir"
+    assert main(export_args(out, bits=4)) == 0
+    capsys.readouterr()
+    assert main(["check", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and len(doc["tensors"]) == 35 and all(r["exact"] for r in doc["tensors"])
+    assert main(["eval", str(out), "--data", str(TINY_TEXT), "--seqlen", "128", "--max-windows", "4",
+                 "--reference", "stories260k", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["windows"] == 4 and res["ppl"] > 1 and res["kld"] > 0
+    # a corrupted IR is caught by check (exit 1), not silently accepted
+    from safetensors.torch import load_file, save_file
+
+    st = out / "ir.safetensors"
+    flat = load_file(str(st))
+    flat["model.layers.0.mlp.up_proj.weight.codes"][0, 0] ^= 1
+    save_file(flat, str(st), metadata={"format": "admmq-ir"})
+    assert main(["check", str(out)]) == 1
