@@ -29,8 +29,8 @@ def run(quick: bool = False) -> None:
     md = [f"## Foundation: RTN on SmolLM2-135M (`python -m bench --suite rtn{' --quick' if quick else ''}`)", "",
           f"WikiText-2 test; llama.cpp protocol = first {wl} chunks of 512 tokens, second half scored; GPTQ protocol = "
           f"first {wg} windows of 2048 tokens. Quantized models are evaluated as our fake-quant IR (fp32 torch). "
-          "SmolLM2's weights come from a Q4_1 file, so W4 g32 asym is close to lossless by construction: do not "
-          "read it as a quantizer result. Seconds per layer: quantization only (RTN needs no calibration); peak "
+          "SmolLM2's weights come from a Q4_1 file (4-bit, group 32, float min): W4 g32 asym sits close to that grid, "
+          "but not on it (integer zero points, min clamped to ≤ 0), so it is not lossless; compare it with care. Seconds per layer: quantization only (RTN needs no calibration); peak "
           "memory: RSS of the whole export process.", "",
           md_table(rows, ["config", "ppl_llamacpp", "ppl_gptq", "s_per_layer", "export_s", "peak_rss_mib"]), "",
           f"Machine: {machine()}"]
