@@ -51,6 +51,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (default 0.01)")
     p.add_argument("--admm-iters", type=int, default=None, help="ADMM-Q iterations (default: spec)")
     p.add_argument("--no-local-search", action="store_true", help="ADMM-Q: skip the local-search polish")
+    p.add_argument("--rho0", type=float, default=0.1, help="ADMM-Q: initial penalty in the unit-diagonal scaling (default 0.1)")
+    p.add_argument("--admm-init", default="rtn", choices=["rtn", "gptq"], help="ADMM-Q: initial codes (default rtn)")
+    p.add_argument("--safety-net", action="store_true",
+                   help="ADMM-Q: also run GPTQ + local search and keep the lower layer objective")
     p.add_argument("--json-report", default=None, help="write per-layer statistics as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -63,10 +67,12 @@ def _method_options(a) -> dict:
     if a.method in ("gptq", "admmq"):
         opts.update(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups)
     if a.method == "admmq":
-        if a.admm_iters is not None:
-            opts["iters"] = a.admm_iters
-        if a.no_local_search:
-            opts["local_search"] = False
+        if a.act_order:
+            raise UserError("ADMM-Q fixes the grid before optimising and has no column order (admmq.md §6)",
+                            "drop --act-order (it applies to --method gptq)")
+        opts.pop("act_order")
+        opts.update(rho0=a.rho0, iters=300 if a.admm_iters is None else a.admm_iters, init=a.admm_init,
+                    local_search=not a.no_local_search, safety_net=a.safety_net, schedule="alps", precondition=True)
     return opts
 
 

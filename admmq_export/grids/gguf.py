@@ -5,6 +5,8 @@ converter packs them verbatim.  The affine maps follow ggml-quants.c exactly (fo
   Q4_0 (q−8)·d    Q5_0 (q−16)·d   Q8_0 (q−128)·d (code = int8+128)   Q4_1/Q5_1 q·d + m
   Q2_K/Q4_K/Q5_K (d·sc_j)·q − dmin·m_j     Q3_K (d·(S_j−32))·(q−4)     Q6_K (d·sc_j)·(q−32)
 All products are exact in fp32; the only rounding is the final add, as in llama.cpp.
+The offset types (Q4_0 Q5_0 Q8_0 Q3_K Q6_K) dequantize as a·(q − offset), llama.cpp's own order: it equals
+a·q + b in value, but only this form gives llama.cpp's −0 where a < 0 and q = offset (bit-exact signed zeros).
 """
 from __future__ import annotations
 
@@ -51,8 +53,19 @@ BPW = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5,
        "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
 
 
+class _OffsetDequant:
+    """w = a·(q − offset), evaluated as llama.cpp does (so a zero takes the sign of a)."""
+
+    def dequant(self, codes, params, g_idx=None):
+        a, _ = self.column_affine(params, codes.shape[1], g_idx)
+        return (a * (codes.float() - self.offset)).to(self.runtime_dtype)
+
+    def _dequant_units(self, q, a, b):
+        return (self._expand(a, q.shape[-1]) * (q.float() - self.offset)).to(self.runtime_dtype)
+
+
 @dataclass(frozen=True)
-class SymBlockGrid(GGUFGrid):
+class SymBlockGrid(_OffsetDequant, GGUFGrid):
     """Q4_0, Q5_0, Q8_0: one fp16 `d` per 32, w = (q − offset)·d."""
 
     offset: int = 8
@@ -107,7 +120,7 @@ class KMinGrid(GGUFGrid):
 
 
 @dataclass(frozen=True)
-class KSymGrid(GGUFGrid):
+class KSymGrid(_OffsetDequant, GGUFGrid):
     """Q3_K (6-bit signed scales, code offset 4) and Q6_K (int8 scales, offset 32): w = (d·sc_j)·(q − offset)."""
 
     offset: int = 4

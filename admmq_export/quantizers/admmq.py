@@ -1,0 +1,180 @@
+"""ADMM-Q (Lucas et al., arXiv:2605.11222) on any grid, as specified in ../shared/docs/admmq.md.
+
+    min ½·Tr((W − Ŵ) H (W − Ŵ)ᵀ)  s.t.  W on the grid (group parameters fixed first, §6 A1)
+
+* Preconditioning (§3): dead inputs, damping 0.01·mean(diag H), Jacobi scaling d = sqrt(diag H) so H̃ has a unit
+  diagonal, eigendecomposition H̃ = U·diag(λ)·Uᵀ in fp64 (kept fp32), cached per distinct H (q/k/v and gate/up
+  share theirs). `precondition=False` (ablation) scales by one scalar instead, so ρ keeps its meaning on average.
+* Splitting (§2), all rows at once in the scaled coordinates B = diag(d)·Wᵀ:
+  W-step B = (H̃ + ρI)⁻¹(G − V + ρD), G = H̃·B̂ (through U, or a cached M_ρ when m > n/3);
+  D-step D = Π(B + V/ρ), the exact nearest grid point of every entry for its fixed (a, b);
+  dual V += ρ(B − D).
+* Penalty schedule (§2.4, ALPS): every 3 iterations, s = codes changed since the last check:
+  s/k > 0.1 → ρ·1.3; > 0.005 → ρ·1.2; s ≥ 1 → ρ·1.1 once grown, else ρ/5 and restart; s = 0 → stop once grown,
+  else ρ/5. Cap 1e6. Stop at t ≥ 30 with s/k < 3e−4, or max_iter. `schedule="fixed"` (ablation): ρ·1.1 every
+  check, the §10 prototype.
+* Output (§2.6): the lower-objective of Π(B) and D; then local search (§4, exact cyclic CD, quantizers/local_search).
+* Initialisation (§5): RTN on the fixed grid (default) or GPTQ with static groups (same grid). The result is never
+  worse than its initialisation: the initial codes are kept when ADMM + local search does not beat them.
+  `safety_net=True` also runs GPTQ (the caller's options) + local search and keeps the lower objective.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+from ..errors import UserError
+from . import QuantResult, register
+from .gptq import prepare_hessian, quantize_gptq
+from .local_search import local_search as polish
+
+RHO_MAX = 1e6
+_FACTORS: dict[tuple, tuple] = {}  # id(H), damp, precondition -> (weakref(H), d, Ht, lam, U)
+
+
+def _factor(H: torch.Tensor, Hd: torch.Tensor, damp: float, precondition: bool):
+    """Scaling d, H̃ and its eigendecomposition, computed once per distinct Hessian object."""
+    key = (id(H), damp, precondition, str(Hd.device))
+    hit = _FACTORS.get(key)
+    if hit is not None and hit[0]() is H:
+        return hit[1:]
+    diag = torch.diagonal(Hd)
+    d = diag.sqrt() + 1e-8 if precondition else torch.full_like(diag, float(diag.mean().sqrt()))
+    Ht = Hd / d[:, None] / d[None, :]
+    lam, U = torch.linalg.eigh(Ht.double())
+    out = (d, Ht, lam.float(), U.float())
+    for k in [k for k, v in _FACTORS.items() if v[0]() is None]:
+        del _FACTORS[k]
+    _FACTORS[key] = (weakref.ref(H), *out)
+    return out
+
+
+def _codes(Y, As, Os, qmax):
+    safe = torch.where(As == 0, torch.ones_like(As), As)
+    c = torch.round((Y - Os) / safe)
+    return torch.where(As == 0, torch.zeros_like(c), c).clamp(0, qmax)
+
+
+def admm(Bhat, Ht, lam, U, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_min=30, schedule="alps", trace=False):
+    """The ADMM iterations of §2 in scaled coordinates. Returns (codes [n, m], stats)."""
+    n, m = Bhat.shape
+    proj = lambda Y: As * _codes(Y, As, Os, qmax) + Os  # noqa: E731
+    G = Ht @ Bhat
+    cached = 3 * m > n  # one GEMM per iteration with M_ρ = U diag(1/(λ+ρ)) Uᵀ, refreshed when ρ changes
+    M, M_rho = None, None
+    B, D, V = Bhat.clone(), D0.clone(), torch.zeros_like(Bhat)
+    rho, grown = rho0, False
+    c_prev = _codes(D, As, Os, qmax)
+    fs = lambda Z: 0.5 * float(((Z - Bhat) * (Ht @ (Z - Bhat))).double().sum())  # noqa: E731
+    tr = []
+    t = 0
+    for t in range(max_iter):
+        R = G - V + rho * D
+        if cached:
+            if M_rho != rho:
+                M, M_rho = (U / (lam + rho)) @ U.T, rho
+            B = M @ R
+        else:
+            B = U @ ((U.T @ R) / (lam + rho)[:, None])
+        D = proj(B + V / rho)
+        V = V + rho * (B - D)
+        if (t + 1) % check:
+            continue
+        c = _codes(D, As, Os, qmax)
+        s = int((c != c_prev).sum())
+        frac = s / c.numel()
+        c_prev = c
+        if trace:
+            tr.append({"iter": t + 1, "rho": rho, "changed": frac, "objective": fs(D),
+                       "primal": float((B - D).norm() / Bhat.norm().clamp_min(1e-30))})
+        stop = False
+        if schedule == "fixed":
+            rho *= 1.1
+        elif frac > 0.1:
+            rho, grown = rho * 1.3, True
+        elif frac > 0.005:
+            rho, grown = rho * 1.2, True
+        elif s > 0:
+            if grown:
+                rho *= 1.1
+            else:
+                rho /= 5
+                B, D, V = Bhat.clone(), D0.clone(), torch.zeros_like(V)
+                c_prev = _codes(D, As, Os, qmax)
+        elif grown:
+            stop = True
+        else:
+            rho /= 5
+        rho = min(rho, RHO_MAX)
+        if stop or (t >= t_min and frac < 3e-4):
+            break
+    cand = [(fs(proj(B)), "proj_B", proj(B)), (fs(D), "D", D)]
+    f, which, Z = min(cand, key=lambda x: x[0])
+    return _codes(Z, As, Os, qmax), {"admm_iters": t + 1, "rho_final": rho, "final_iterate": which,
+                                      "admm_f_scaled": f, "trace": tr}
+
+
+@register("admmq")
+def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, rho0: float = 0.1, iters: int = 300,
+                   check: int = 3, t_min: int = 30, schedule: str = "alps", precondition: bool = True,
+                   local_search_sweeps: int = 3, local_search: bool = True, init: str = "rtn", safety_net: bool = False,
+                   clip_search: bool = False, act_order: bool = False, static_groups: bool = False, trace: bool = False,
+                   **_) -> QuantResult:
+    if H is None:
+        raise UserError("ADMM-Q needs calibration activations", "run it through the calibrated pipeline")
+    if act_order:
+        raise UserError("ADMM-Q fixes the grid before optimising and has no column order (admmq.md §6)",
+                        "drop --act-order (it applies to --method gptq)")
+    if schedule not in ("alps", "fixed"):
+        raise UserError(f"unknown ADMM-Q penalty schedule {schedule!r}", "use alps or fixed")
+    t0 = time.time()
+    m, n = W.shape
+    W_hat, Hd = prepare_hessian(W, H, damp)
+    d, Ht, lam, U = _factor(H, Hd, damp, precondition)
+    weight = torch.diagonal(Hd).clone() if clip_search else None
+    params = grid.fit(W_hat, clip_search=clip_search, weight=weight)  # A1: the grid is fixed first
+    A, O = grid.column_affine(params, n)
+    A, O = A.to(W_hat.device), O.to(W_hat.device)
+    As, Os = d[:, None] * A.T, d[:, None] * O.T
+
+    def f_codes(c):  # the true (damped) objective of codes [m, n]
+        E = A * c.float() + O - W_hat
+        return 0.5 * float(((E @ Hd) * E).double().sum())
+
+    if init == "gptq":
+        init_codes = quantize_gptq(W, H, grid, damp=damp, static_groups=True, clip_search=clip_search).codes.float()
+    elif init == "rtn":
+        init_codes = _codes(W_hat, A, O, grid.qmax)
+    else:
+        raise UserError(f"unknown ADMM-Q initialisation {init!r}", "use rtn or gptq")
+    Bhat = d[:, None] * W_hat.T
+    D0 = As * init_codes.T + Os
+    codes_t, st = admm(Bhat, Ht, lam, U, As, Os, grid.qmax, D0, rho0, iters, check, t_min, schedule, trace)
+    codes = codes_t.T.contiguous()
+    st["f_init"] = f_codes(init_codes)
+    st["f_admm"] = f_codes(codes)
+    st["admm_seconds"] = time.time() - t0
+    if local_search:
+        codes_u8, ls = polish(codes, A, O, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
+        codes = codes_u8.float()
+        st.update(ls)
+    best, g_idx, st["f_final"], st["chosen"] = codes, None, f_codes(codes), "admm"
+    if st["f_init"] < st["f_final"]:
+        best, st["f_final"], st["chosen"] = init_codes, st["f_init"], f"init_{init}"
+    if safety_net:
+        res = quantize_gptq(W, H, grid, damp=damp, static_groups=static_groups, clip_search=clip_search)
+        Ag, Og = grid.column_affine(res.params, n, res.g_idx)
+        cg, _ = polish(res.codes, Ag, Og, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
+        Eg = Ag * cg.float() + Og - W_hat
+        fg = 0.5 * float(((Eg @ Hd) * Eg).double().sum())
+        st["f_gptq_ls"] = fg
+        if fg < st["f_final"]:
+            best, params, g_idx, st["f_final"], st["chosen"] = cg.float(), res.params, res.g_idx, fg, "gptq+ls"
+    st["seconds_total"] = time.time() - t0
+    trace_rows = st.pop("trace")
+    if trace:
+        st["trace"] = trace_rows
+    return QuantResult(best.to(torch.uint8), params, g_idx, st)
+
