@@ -61,6 +61,7 @@ def admm(Bhat, Ht, lam, U, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_
     """The ADMM iterations of §2 in scaled coordinates. Returns (codes [n, m], stats)."""
     n, m = Bhat.shape
     proj = lambda Y: As * _codes(Y, As, Os, qmax) + Os  # noqa: E731
+    inv = torch.where(As == 0, torch.zeros_like(As), 1.0 / torch.where(As == 0, torch.ones_like(As), As))
     G = Ht @ Bhat
     cached = 3 * m > n  # one GEMM per iteration with M_ρ = U diag(1/(λ+ρ)) Uᵀ, refreshed when ρ changes
     M, M_rho = None, None
@@ -71,18 +72,18 @@ def admm(Bhat, Ht, lam, U, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_
     tr = []
     t = 0
     for t in range(max_iter):
-        R = G - V + rho * D
+        R = torch.add(G, D, alpha=rho).sub_(V)  # §2.1
         if cached:
             if M_rho != rho:
                 M, M_rho = (U / (lam + rho)) @ U.T, rho
             B = M @ R
         else:
-            B = U @ ((U.T @ R) / (lam + rho)[:, None])
-        D = proj(B + V / rho)
-        V = V + rho * (B - D)
+            B = U @ ((U.T @ R).div_((lam + rho)[:, None]))
+        c = torch.add(B, V, alpha=1.0 / rho).sub_(Os).mul_(inv).round_().clamp_(0, qmax)  # §2.2: nearest grid point
+        D = torch.addcmul(Os, As, c)
+        V.add_(B, alpha=rho).sub_(D, alpha=rho)  # §2.3
         if (t + 1) % check:
             continue
-        c = _codes(D, As, Os, qmax)
         s = int((c != c_prev).sum())
         frac = s / c.numel()
         c_prev = c
