@@ -49,6 +49,10 @@ def atomic_path(out: str | os.PathLike, directory: bool = False):
         yield tmp
         if directory and out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if tmp.exists():  # mkstemp/mkdtemp create 0600/0700: give the output the usual umask-based mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~umask)
         os.replace(tmp, out)
     except BaseException:
         if tmp.is_dir():

@@ -143,18 +143,29 @@ def _linear_groups(layer, inps, kw, device) -> list[list[str]]:
     return groups
 
 
+class _Stop(Exception):
+    """Raised by the Hessian hook: the rest of the layer's forward is not needed for this group."""
+
+
 def _hessian(layer, names: list[str], inps, kw, device) -> torch.Tensor:
+    """H = 2·XᵀX/n of the group's shared input, from a forward pass cut short at the group's first linear."""
     mod = layer.get_submodule(names[0])
     acc = {"H": None, "n": 0}
 
-    def fn(m, a, o):
+    def fn(m, a):
         x = a[0].detach().reshape(-1, a[0].shape[-1]).float()
         acc["H"] = x.T @ x if acc["H"] is None else acc["H"] + x.T @ x
         acc["n"] += x.shape[0]
+        raise _Stop
 
-    h = mod.register_forward_hook(fn)
+    h = mod.register_forward_pre_hook(fn)
     try:
-        _run_layer(layer, inps, kw, device)
+        with torch.no_grad():
+            for x in inps:
+                try:
+                    layer(x.unsqueeze(0).to(device), **kw)
+                except _Stop:
+                    pass
     finally:
         h.remove()
     return (2.0 / acc["n"]) * acc["H"]
