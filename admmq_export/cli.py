@@ -55,6 +55,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--admm-init", default="rtn", choices=["rtn", "gptq"], help="ADMM-Q: initial codes (default rtn)")
     p.add_argument("--safety-net", action="store_true",
                    help="ADMM-Q: also run GPTQ + local search and keep the lower layer objective")
+    p.add_argument("--onnx-scale-dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="--to onnx: DequantizeLinear scale dtype; fp32 (default) is exact, fp16 makes the weight fp16((q-z)*s)")
     p.add_argument("--json-report", default=None, help="write per-layer statistics as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -101,6 +103,10 @@ def cmd_export(argv) -> int:
     out = Path(a.output)
     check_writable(out)
     conv, typ = get_converter(a.to)
+    if hasattr(conv, "scale_dtype"):
+        conv.scale_dtype = a.onnx_scale_dtype
+    elif a.onnx_scale_dtype != "fp32":
+        raise UserError(f"--onnx-scale-dtype applies to --to onnx, not --to {a.to}", "drop --onnx-scale-dtype")
     plan = conv.planned(typ, QuantOptions(a.bits, a.group_size, a.sym), a.fallback)
     t0 = time.time()
     lm = load_model(a.model)
