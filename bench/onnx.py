@@ -1,0 +1,81 @@
+"""ONNX benchmark (issue 6): SmolLM2-135M file size and ONNX Runtime CPU speed (prefill, decode with the KV cache)
+for the fp32 graph, W4 QDQ and W4 MatMulNBits; perplexity through ORT comes from the quality suite (its files
+are ONNX, evaluated in ORT) and from the RTN rows here."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .common import OUT, WIKI, evaluate, export, machine, md_table, save_section
+
+MODEL = "smollm2"
+
+
+def _fp32(path) -> None:
+    import onnx
+
+    from admmq_export.models import load_model
+    from converters.onnx_graph import export_fp32
+
+    if path.is_file():
+        return
+    mp = export_fp32(load_model(MODEL).model)
+    onnx.save(mp, str(path))
+
+
+def speed(path, prefill: int, decode: int, accuracy_level: int = 1, repeats: int = 3) -> dict:
+    from converters.onnx import OrtLM
+
+    lm = OrtLM(path, threads=2, accuracy_level=accuracy_level)
+    ids = (torch.arange(prefill) * 7 % 1000 + 10).unsqueeze(0)
+    best_p = best_d = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        logits, past = lm.step(ids)
+        best_p = min(best_p, time.perf_counter() - t)
+        nxt = logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        n = ids.shape[1]
+        for _ in range(decode):
+            logits, past = lm.step(nxt, past, attention_mask=torch.ones(1, n + 1, dtype=torch.long),
+                                   position_ids=torch.tensor([[n]]))
+            nxt = logits[:, -1:].argmax(-1)
+            n += 1
+        best_d = min(best_d, time.perf_counter() - t)
+    return {"prefill tok/s": prefill / best_p, "decode tok/s": decode / best_d}
+
+
+def run(quick: bool = False) -> None:
+    d = OUT / "onnx"
+    d.mkdir(parents=True, exist_ok=True)
+    wl = 8 if quick else 16
+    prefill, decode = (64, 16) if quick else (256, 64)
+    fp32 = d / "smollm2-fp32.onnx"
+    _fp32(fp32)
+    rows = [{"file": "fp32 (original weights)", "MiB": fp32.stat().st_size / 2**20, **speed(fp32, prefill, decode),
+             "wiki ppl (ORT)": None}]
+    for label, to, bits, group, sym in [("W4 g32 asym QDQ", "onnx", 4, 32, False), ("W4 g32 sym QDQ", "onnx", 4, 32, True),
+                                        ("W4 g32 asym MatMulNBits", "onnx:matmulnbits", 4, 32, False),
+                                        ("W4 g32 sym MatMulNBits", "onnx:matmulnbits", 4, 32, True)]:
+        out = d / f"smollm2-rtn-{to.replace(':', '-')}-w{bits}g{group}{'s' if sym else 'a'}.onnx"
+        rep = export(MODEL, to, out, "--method", "rtn", "--bits", str(bits), "--group-size", str(group),
+                     "--sym" if sym else "--asym")
+        row = {"file": f"RTN {label}", "MiB": out.stat().st_size / 2**20, **speed(out, prefill, decode),
+               "wiki ppl (ORT)": evaluate(str(out), WIKI, "llamacpp", wl)["ppl"],
+               "wiki ppl (IR)": evaluate(f"{out}.ir", WIKI, "llamacpp", wl)["ppl"], "export s": rep["wall_seconds"]}
+        rows.append(row)
+        if "MatMulNBits" in label:
+            fast = speed(out, prefill, decode, accuracy_level=4)
+            rows.append({"file": f"RTN {label}, accuracy_level 4 (int8 activations, not bit-exact)",
+                         "MiB": row["MiB"], **fast})
+    md = [f"## ONNX: size and ONNX Runtime speed (`python -m bench --suite onnx{' --quick' if quick else ''}`)", "",
+          f"SmolLM2-135M. ORT {machine().get('onnxruntime')} CPU, 2 threads; prefill of {prefill} tokens and {decode} decode "
+          "steps with the KV cache, best of 3. The quantized files run at `accuracy_level` 1 (fp32 activations, the "
+          "arithmetic the file describes, and what our bit-exact check and perplexities use); level 4 is ORT's int8 "
+          f"fast path. Perplexity: first {wl} WikiText-2 chunks of 512 (llama.cpp protocol) through ORT and through our "
+          "fake-quant IR. Tied embeddings: the output head reads the embedding through a Transpose, no second copy. "
+          "GPTQ/ADMM-Q ONNX files and their ORT perplexities are in the quality section.", "",
+          md_table(rows, ["file", "MiB", "prefill tok/s", "decode tok/s", "wiki ppl (ORT)", "wiki ppl (IR)", "export s"]), "",
+          f"Machine: {machine()}"]
+    save_section("onnx", "\n".join(md), {"rows": rows, "machine": machine()})
