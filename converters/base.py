@@ -41,8 +41,10 @@ class Converter:
             return dataclasses.replace(grid, group_size=0)
         return None
 
-    def planned(self, typ: str | None, q: QuantOptions, mode: str = "error"):
-        """`plan` with the explicit, reported fallback for shapes the grid cannot hold (never silent)."""
+    def planned(self, typ: str | None, q: QuantOptions, mode: str = "error", config: dict | None = None):
+        """`plan` with the explicit, reported fallback for shapes the grid cannot hold (never silent).
+
+        `config` (the model's HF config, once loaded) is for formats whose per-tensor choice depends on the model."""
         base = self.plan(typ, q)
         report: dict[str, str] = {}
 
