@@ -1,0 +1,140 @@
+"""GGUF benchmark (issues 9 and 10): ours (RTN/GPTQ/ADMM-Q on the preset's grids) vs llama.cpp's own
+llama-quantize with and without an importance matrix (llama-imatrix on the same calibration text), every
+file's perplexity and KL divergence measured BY llama.cpp (llama-perplexity, ctx 512, same chunks)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from .common import OUT, PLOTS, WIKI, export, machine, md_table, save_section, shared_data
+from .llamacpp_tools import binary
+
+MODEL = "smollm2"
+PRESETS = ["q4_k_m", "q3_k_m", "q2_k"]  # the presets of the issue-9 target
+METHODS = ["rtn", "gptq", "admmq"]
+
+
+def _tool(name: str) -> str:
+    b = binary(name)
+    if b is None:
+        raise RuntimeError(f"{name} not built: run `python -m bench.llamacpp_tools build` first")
+    return str(b)
+
+
+def _run(args: list[str], timeout: int = 3600) -> str:
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(args[:3])} failed: {p.stderr[-1500:]}")
+    return p.stdout + p.stderr
+
+
+def perplexity(gguf: Path, chunks: int, kld_base: Path | None = None, save_base: Path | None = None) -> dict:
+    args = [_tool("llama-perplexity"), "-m", str(gguf), "-f", shared_data(WIKI), "-c", "512", "--chunks", str(chunks),
+            "-t", "2", "-b", "512"]
+    if save_base is not None:
+        args += ["--kl-divergence-base", str(save_base)]
+    if kld_base is not None:
+        args = [a for a in args if a not in ("-f", shared_data(WIKI))]
+        args += ["--kl-divergence-base", str(kld_base), "--kl-divergence"]
+    out = _run(args)
+    res = {}
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out) or re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out)
+    if m:
+        res["ppl"] = float(m.group(1))
+    m = re.search(r"Mean\s+KLD:\s*([0-9.]+)", out)
+    if m:
+        res["kld"] = float(m.group(1))
+    return res
+
+
+def calibration_text(path: Path, nsamples: int, seqlen: int, seed: int = 0) -> Path:
+    """Our calibration windows (same seed and token count) as text, for llama-imatrix."""
+    from admmq_export.calib import calibration_samples
+    from admmq_export.models import load_model
+
+    lm = load_model(MODEL)
+    s = calibration_samples(lm.tokenizer, shared_data("c4-train-00000-first1000.jsonl"), nsamples, seqlen, seed)
+    path.write_text("\n\n".join(lm.tokenizer.decode(x) for x in s))
+    return path
+
+
+def run(quick: bool = False) -> None:
+    d = OUT / "gguf"
+    d.mkdir(parents=True, exist_ok=True)
+    chunks = 8 if quick else 16
+    nsamples, seqlen = (8, 512) if quick else (16, 512)  # 128 x 512 costs ~1 h per calibrated export on 2 cores
+    presets = PRESETS[:1] if quick else PRESETS
+    calib = ["--nsamples", str(nsamples), "--seqlen", str(seqlen)]
+    f32 = d / "smollm2-f32.gguf"
+    t = time.time()
+    export(MODEL, "gguf:f32", f32, *calib)
+    base = d / "smollm2-f32.kld"
+    rows = [{"file": "f32 (ours, unquantized)", "bpw": 32.0, **perplexity(f32, chunks, save_base=base)}]
+    ctext = calibration_text(d / "calib.txt", nsamples, seqlen)
+    imat = d / "smollm2.imatrix"
+    _run([_tool("llama-imatrix"), "-m", str(f32), "-f", str(ctext), "-o", str(imat), "-c", str(seqlen), "-t", "2",
+          "--chunks", str(nsamples)])
+    ref_ppl = rows[0]["ppl"]
+    for preset in presets:
+        for imatrix in (False, True):
+            out = d / f"llamacpp-{preset}{'-imat' if imatrix else ''}.gguf"
+            ts = time.time()
+            _run([_tool("llama-quantize"), *(["--imatrix", str(imat)] if imatrix else []), str(f32), str(out),
+                  preset.upper(), "2"])
+            rows.append({"file": f"llama.cpp {preset.upper()}{' + imatrix' if imatrix else ''}", "preset": preset,
+                         "seconds": time.time() - ts, "MiB": out.stat().st_size / 2**20,
+                         **perplexity(out, chunks, kld_base=base)})
+        for method in METHODS:
+            out = d / f"ours-{method}-{preset}.gguf"
+            rep = export(MODEL, f"gguf:{preset}", out, "--method", method, *calib)
+            rows.append({"file": f"admmq-export {method.upper()} {preset.upper()}", "preset": preset,
+                         "seconds": rep["wall_seconds"], "MiB": out.stat().st_size / 2**20,
+                         **perplexity(out, chunks, kld_base=base)})
+    for r in rows:
+        if "ppl" in r:
+            r["excess"] = r["ppl"] - ref_ppl
+    summary = []
+    for preset in presets:
+        im = next(r for r in rows if r.get("preset") == preset and "imatrix" in r["file"])
+        for method in METHODS:
+            ours = next(r for r in rows if r.get("preset") == preset and r["file"].endswith(f"{method.upper()} {preset.upper()}"))
+            removed = 1 - ours["excess"] / im["excess"] if im["excess"] > 0 else float("nan")
+            summary.append({"preset": preset.upper(), "method": method, "ppl": ours["ppl"], "imatrix_ppl": im["ppl"],
+                            "share_of_imatrix_excess_removed": removed, "target_met(≥0.5)": removed >= 0.5})
+    _plot(rows)
+    md = [f"## GGUF vs llama.cpp's quantizer (`python -m bench --suite gguf{' --quick' if quick else ''}`)", "",
+          f"SmolLM2-135M. Every perplexity and KLD is computed by llama.cpp's `llama-perplexity` (ctx 512, first {chunks} "
+          f"chunks of WikiText-2 test, KLD against the f32 file's logits). Calibration for us and for `llama-imatrix`: "
+          f"the same {nsamples} x {seqlen} C4 tokens (seed 0). Our files are written from the IR (codes packed, never "
+          "re-rounded); llama.cpp's from the f32 GGUF we wrote, with `llama-quantize [--imatrix]`.", "",
+          md_table(rows, ["file", "MiB", "ppl", "excess", "kld", "seconds"]), "",
+          "Target (issue 9): ADMM-Q removes at least half of the imatrix file's perplexity excess over f32.", "",
+          md_table(summary, ["preset", "method", "ppl", "imatrix_ppl", "share_of_imatrix_excess_removed", "target_met(≥0.5)"]),
+          "", "![ppl vs size](bench/plots/gguf_ppl.png)", "", f"Total {time.time() - t:.0f} s. Machine: {machine()}"]
+    save_section("gguf", "\n".join(md), {"rows": rows, "summary": summary, "machine": machine()})
+
+
+def _plot(rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, key in (("llama.cpp", "llama.cpp"), ("llama.cpp + imatrix", "imatrix"), ("RTN", "RTN"), ("GPTQ", "GPTQ"), ("ADMM-Q", "ADMMQ")):
+        pts = [(r["MiB"], r["ppl"]) for r in rows if "MiB" in r and "ppl" in r and
+               (key in r["file"] if key != "llama.cpp" else (r["file"].startswith("llama.cpp") and "imatrix" not in r["file"]))]
+        if pts:
+            pts.sort()
+            ax.plot(*zip(*pts), "o-", label=label)
+    ax.axhline(rows[0]["ppl"], color="k", ls="--", lw=0.8, label="f32")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("WikiText-2 perplexity (llama.cpp)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("SmolLM2-135M GGUF: perplexity vs size")
+    fig.tight_layout()
+    fig.savefig(PLOTS / "gguf_ppl.png", dpi=120)
