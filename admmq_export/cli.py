@@ -193,8 +193,13 @@ def cmd_check(argv) -> int:
     p = argparse.ArgumentParser(prog="admmq-export check", description="Compare every tensor of a written file with its IR, bit for bit, through third-party readers.")
     p.add_argument("output")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--kernels", action="store_true", help="GPTQ/Marlin: which kernels can run each layer, and why not")
+    p.add_argument("--tp", type=int, default=1, help="with --kernels: tensor-parallel degree (default 1)")
     a = p.parse_args(argv)
     from kernels_check import check_output, format_table
+
+    if a.kernels:
+        return _kernel_preflight(a)
 
     rows = check_output(a.output)
     ok = all(r["exact"] for r in rows if r["status"] not in ("not representable", "unavailable"))
@@ -204,6 +209,24 @@ def cmd_check(argv) -> int:
         print(format_table(rows))
         print("all tensors exact" if ok else "MISMATCH: some tensors differ")
     return 0 if ok else 1
+
+
+def _kernel_preflight(a) -> int:
+    from converters.gptq_kernels import format_preflight, preflight, summary
+
+    from .fakequant import ir_path_for, is_ir_dir
+    from .ir import QuantizedModel
+
+    ir_dir = a.output if is_ir_dir(a.output) else ir_path_for(Path(a.output))
+    if not is_ir_dir(ir_dir):
+        raise UserError(f"no IR found for {a.output}", "pass an output written by admmq-export (its .ir folder sits beside it)")
+    ir = QuantizedModel.load(ir_dir)
+    rows = [preflight(n, q.shape, q.grid.bits, q.grid.group_size, q.grid.sym, q.g_idx is not None, a.tp)
+            for n, q in sorted(ir.linears.items()) if q.grid.family == "int"]
+    if not rows:
+        raise UserError(f"{a.output} has no integer-grid (GPTQ-style) layers", "--kernels applies to --to gptq/marlin outputs")
+    print(json.dumps(rows, indent=1) if a.json else format_preflight(rows) + "\n" + summary(rows))
+    return 0 if all(r["kernels"] for r in rows) else 1
 
 
 def cmd_formats(argv) -> int:
