@@ -121,7 +121,7 @@ class GGUFConverter(Converter):
         for t, grid in GGUF_GRIDS.items():
             rows.append({"format": f"gguf:{t.lower()}", "bits": str(grid.bits), "group_size": f"{grid.group_size}"
                          + (f" ({grid.sub_size}-column sub-blocks)" if grid.sub_size and grid.sub_size != grid.group_size else ""),
-                         "sym": "sym" if grid.sym else "min/offset", "dequant": "fp32 (ggml to_float)",
+                         "sym": "sym (code offset)" if hasattr(grid, "offset") else "min (float offset)", "dequant": "fp32 (ggml to_float)",
                          "notes": "single type for all linears"})
         rows.append({"format": "gguf:q2_k|q3_k_s|q3_k_m|q3_k_l|q4_k_s|q4_k_m|q5_k_s|q5_k_m|q6_k|q8_0|q4_0|...",
                      "bits": "mixed", "group_size": "per type", "sym": "per type", "dequant": "fp32",
