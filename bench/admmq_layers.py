@@ -67,6 +67,7 @@ ABLATION = [
     ("ADMM-Q, ρ0 = 0.01", dict(rho0=0.01)),
     ("ADMM-Q, ρ0 = 0.003", dict(rho0=0.003)),
     ("ADMM-Q + GPTQ safety net", dict(safety_net=True)),
+    ("ADMM-Q + grid refresh", dict(refit=True)),
 ]
 
 

@@ -208,3 +208,14 @@ def test_gptq_matches_the_reference_implementation(act_order):
     ref = _reference_fasterquant(W, H, s, z, grid.qmax, actorder=act_order)
     agree = (ref == res.codes.float()).float().mean()
     assert agree > 0.999, agree  # rounding ties of round((w−b)/s) vs round(w/s)+z may flip a rare code
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_grid_refresh_lowers_the_objective(sym):
+    grid = int_grid("gptq", 3, 32, sym)
+    W, H = _problem(24, 128, seed=8)
+    plain = get_quantizer("admmq")(W, H, grid)
+    ref = get_quantizer("admmq")(W, H, grid, refit=True)
+    assert ref.stats["f_final"] <= plain.stats["f_final"]
+    assert ref.params["scale"].dtype == torch.float16 and ref.params["zero"].dtype == torch.uint8
+    assert _f(W, H, grid, ref) < _f(W, H, grid, plain)

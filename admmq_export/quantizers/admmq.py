@@ -17,6 +17,8 @@
 * Initialisation (§5): RTN on the fixed grid (default) or GPTQ with static groups (same grid). The result is never
   worse than its initialisation: the initial codes are kept when ADMM + local search does not beat them.
   `safety_net=True` also runs GPTQ (the caller's options) + local search and keeps the lower objective.
+* Grid refresh (§6, `refit=True`, off by default): scales/zeros refitted by H-weighted least squares for the final
+  codes (quantizers/refit.py), codes re-projected and polished; kept only when the objective drops.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from ..errors import UserError
 from . import QuantResult, register
 from .gptq import prepare_hessian, quantize_gptq
 from .local_search import local_search as polish
+from .refit import can_refit
+from .refit import refit as refit_params
 
 RHO_MAX = 1e6
 _FACTORS: dict[tuple, tuple] = {}  # id(H), damp, precondition -> (weakref(H), d, Ht, lam, U)
@@ -122,7 +126,7 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
                    check: int = 3, t_min: int = 30, schedule: str = "alps", precondition: bool = True,
                    local_search_sweeps: int = 3, local_search: bool = True, init: str = "rtn", safety_net: bool = False,
                    clip_search: bool = False, act_order: bool = False, static_groups: bool = False, trace: bool = False,
-                   **_) -> QuantResult:
+                   refit: bool = False, **_) -> QuantResult:
     if H is None:
         raise UserError("ADMM-Q needs calibration activations", "run it through the calibrated pipeline")
     if act_order:
@@ -161,9 +165,20 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
         codes_u8, ls = polish(codes, A, O, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
         codes = codes_u8.float()
         st.update(ls)
+    params0 = params
+    if refit and can_refit(grid, params):  # §6 grid refresh: refit scales/zeros for the codes, re-project, polish
+        new = refit_params(grid, codes, W_hat, Hd)
+        A2, O2 = (t.to(W_hat.device) for t in grid.column_affine(new, n))
+        c2 = _codes(A * codes + O, A2, O2, grid.qmax)
+        c2, _ = polish(c2, A2, O2, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
+        E2 = A2 * c2.float() + O2 - W_hat
+        f2 = 0.5 * float(((E2 @ Hd) * E2).double().sum())
+        st["f_refit"] = f2
+        if f2 < f_codes(codes):
+            codes, params, A, O = c2.float(), new, A2, O2
     best, g_idx, st["f_final"], st["chosen"] = codes, None, f_codes(codes), "admm"
     if st["f_init"] < st["f_final"]:
-        best, st["f_final"], st["chosen"] = init_codes, st["f_init"], f"init_{init}"
+        best, params, st["f_final"], st["chosen"] = init_codes, params0, st["f_init"], f"init_{init}"
     if safety_net:
         res = quantize_gptq(W, H, grid, damp=damp, static_groups=static_groups, clip_search=clip_search)
         Ag, Og = grid.column_affine(res.params, n, res.g_idx)
