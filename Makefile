@@ -2,6 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# transformers' GPTQ loading on CPU: GPTQModel's torch kernel, built without CUDA; --no-deps keeps the CPU torch
+# (its declared pins would pull a CUDA torch and an older numpy)
+GPTQ_CPU := gptqmodel==7.6.0 optimum==2.3.0 device-smi logbar pypcre tokenicer defuser torchao threadpoolctl
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: install demo test test-all bench formats clean
@@ -10,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test,runtimes]"
+	BUILD_CUDA_EXT=0 $(BIN)/python -m pip install -q --no-deps $(GPTQ_CPU)
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)

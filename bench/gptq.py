@@ -37,9 +37,8 @@ def run(quick: bool = False) -> None:
           f"Perplexity on the first {wl} WikiText-2 chunks of 512 tokens (llama.cpp protocol). `ppl_file`: the written "
           "checkpoint rebuilt from its own qweight/qzeros/scales/g_idx by our independent reader (the GPTQ kernels' "
           "`fp16(s·(q−z))`; plain tensors fp16), run in fp32 torch; `ppl_ir`: our fake-quant IR (same quantized weights, "
-          "plain tensors fp32). transformers' own GPTQ loading needs the `gptqmodel` package, which ships only as a CUDA-"
-          "extension sdist (7.7.0) and is not installed on this CPU machine. `bit-exact`: `admmq-export check` (every "
-          "layer's weight, 0 differing bits). `marlin layers`: pre-flight (`check --kernels`). Calibration "
+          "plain tensors fp32). `bit-exact`: `admmq-export check` (every layer's weight, 0 differing bits, through our "
+          "unpacker and through transformers + GPTQModel 7.6.0's torch kernel, built without CUDA by `make install`). `marlin layers`: pre-flight (`check --kernels`). Calibration "
           f"{nsamples} x {seqlen} C4 tokens.", "",
           md_table(rows, ["model", "target", "method", "ppl_file", "ppl_ir", "bit-exact", "marlin layers", "format", "export_s"]),
           "", f"Machine: {machine()}"]

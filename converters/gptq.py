@@ -12,6 +12,8 @@
   plain GPTQ v1 that Marlin repacks at load (a pre-repacked Marlin file would run on nothing else, §2.6).
 * Other tensors in fp16 (as GPTQModel saves), `config.json` with `quantization_config`, `quantize_config.json`,
   tokenizer files; shards above `max_shard_bytes` with `model.safetensors.index.json`.
+* Layers kept in fp16 (`--fallback keep`) are excluded twice: GPTQModel/vLLM read `dynamic` ("-:regex"),
+  transformers reads `modules_in_block_to_quantize` (see block_modules).
 * The export report carries the kernel pre-flight summary (gptq_kernels.py).
 
 Also registers the runtime loader for written checkpoints (see load_gptq).
@@ -19,6 +21,7 @@ Also registers the runtime loader for written checkpoints (see load_gptq).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -78,6 +81,19 @@ def save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) ->
             total += v.numel() * v.element_size()
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=1))
     return len(shards)
+
+
+def block_modules(linears, kept: list[str]) -> dict:
+    """Layer exclusions for transformers: its GPTQ loader (optimum's GPTQQuantizer.convert_model) ignores GPTQModel's
+    `dynamic` and replaces every block linear unless `modules_in_block_to_quantize` lists the quantized ones by
+    block-relative name (matched with str.endswith). Written only when some decoder linear is kept and the names
+    separate the two sets (the same modules quantized in every block)."""
+    if not kept:
+        return {}
+    rel = sorted({re.sub(r"^.*?\.layers\.\d+\.", "", n[: -len(".weight")]) for n in linears})
+    if any(k.endswith(r) for k in kept for r in rel):
+        return {}
+    return {"modules_in_block_to_quantize": [rel]}
 
 
 class GptqConverter(Converter):
@@ -157,6 +173,7 @@ class GptqConverter(Converter):
                 "lm_head": False, "checkpoint_format": "gptq" if fmt == "v1" else "gptq_v2",
                 "format": "gptq" if fmt == "v1" else "gptq_v2", "pack_dtype": "int32",
                 **({"dynamic": {f"-:{k.replace('.', '[.]')}$": {} for k in kept}} if kept else {}),
+                **block_modules(ir.linears, kept),
                 "meta": {"quantizer": [f"admmq-export:{ir.meta.get('admmq_export_version', '')}"],
                          "method": ir.meta.get("method"), "method_options": ir.meta.get("method_options", {})}}
         config = dict(ir.config)

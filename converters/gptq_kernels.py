@@ -31,12 +31,16 @@ KERNELS = [
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 
+def shard_dims(name: str, out_f: int, in_f: int, tp: int) -> tuple[int, int, bool]:
+    """(K, N, row_parallel) of one tensor-parallel shard."""
+    row_par = any(name.endswith(f"{p}.weight") or name.endswith(p) for p in ROW_PARALLEL)
+    return (in_f // tp if row_par else in_f), (out_f if row_par else out_f // tp), row_par
+
+
 def can_run(k: Kernel, out_f: int, in_f: int, bits: int, group: int, sym: bool, act_order: bool, tp: int = 1,
             name: str = "") -> tuple[bool, str]:
     """(ok, reason-if-not) for one layer [out_f, in_f]."""
-    row_par = any(name.endswith(f"{p}.weight") or name.endswith(p) for p in ROW_PARALLEL)
-    K = in_f // tp if row_par else in_f
-    N = out_f if row_par else out_f // tp
+    K, N, row_par = shard_dims(name, out_f, in_f, tp)
     if bits not in k.bits:
         return False, f"{bits}-bit not supported (bits {'/'.join(map(str, k.bits))})"
     if k.sym_only and not sym:
@@ -59,15 +63,24 @@ def preflight(name: str, shape: tuple, bits: int, group: int, sym: bool, act_ord
     out_f, in_f = shape
     res = {k.name: can_run(k, out_f, in_f, bits, group, sym, act_order, tp, name) for k in KERNELS}
     ok = [n for n, (good, _) in res.items() if good]
+    K, _, _ = shard_dims(name, out_f, in_f, tp)
+    fits = [g for g in (128, 64, 32) if K % g == 0] + [-1]
     fix = ""
-    if "marlin" not in ok:
+    if not ok:
+        why = res["torch"][1]
+        if "group" in why:
+            fix = (f"use --group-size {fits[0]} (divides the in-dim {K}{' of each shard' if tp > 1 else ''})"
+                   + (" or a smaller --tp" if tp > 1 else ""))
+        else:
+            fix = f"{why}: use a --tp that divides the layer's dims" if tp > 1 else why
+    elif "marlin" not in ok:
         why = res["marlin"][1]
         if "symmetric" in why:
             fix = "for Marlin use --sym (or --to marlin)"
         elif "bit" in why:
             fix = "for Marlin use --bits 4 or 8"
-        elif "group" in why:
-            fix = "for Marlin use --group-size 32, 64, 128 or -1"
+        elif "group" in why and K % 128 == 0:
+            fix = f"for Marlin use --group-size {fits[0]}"
         else:
             fix = "Marlin cannot run this shape; serve with exllama/triton/torch kernels, or a model whose dims divide 128/64"
     return {"tensor": name, "shape": list(shape), "kernels": ok,
@@ -77,8 +90,10 @@ def preflight(name: str, shape: tuple, bits: int, group: int, sym: bool, act_ord
 def format_preflight(rows: list[dict]) -> str:
     lines = [f"{'tensor':55s} {'shape':>12s}  kernels"]
     for r in rows:
+        who = "no kernel" if not r["kernels"] else "marlin"
+        why = r["refused"]["torch" if not r["kernels"] else "marlin"] if "marlin" in r["refused"] else ""
         lines.append(f"{r['tensor'][:55]:55s} {'x'.join(map(str, r['shape'])):>12s}  {', '.join(r['kernels']) or 'NONE'}"
-                     + (f"   (marlin: {r['refused']['marlin']}; {r['fix']})" if "marlin" in r["refused"] else ""))
+                     + (f"   ({who}: {why}; {r['fix']})" if why else ""))
     return "\n".join(lines)
 
 
@@ -91,5 +106,6 @@ def summary(rows: list[dict]) -> str:
         first = next(r for r in rows if "marlin" not in r["kernels"])
         s += f" (e.g. {first['tensor']}: {first['refused']['marlin']}; {first['fix']})"
     if none:
-        s += f"; NO kernel for {len(none)} layers"
+        first = next(r for r in rows if not r["kernels"])
+        s += f"; NO kernel for {len(none)} layers (e.g. {first['tensor']}: {first['refused']['torch']}; {first['fix']})"
     return s

@@ -1,10 +1,14 @@
 """GPTQ checkpoints against their IR. An independent reader of the written safetensors (shards and index, v1 and
 v2 zero points, any bit width) dequantizes every linear as all GPTQ kernels do, `W[k, n] = fp16(s[g_idx[k], n] ·
 (q[k, n] − z[g_idx[k], n]))` (formats.md §2.1, §0), and compares with the IR's weight bit for bit; plain tensors
-must equal the IR's value in fp16. v1 zero fields are read the AutoGPTQ way, ((field + 1) & maxq)."""
+must equal the IR's value in fp16. v1 zero fields are read the AutoGPTQ way, ((field + 1) & maxq).
+Where GPTQModel and optimum are installed, the folder is also loaded by transformers itself and each of its
+quantized modules' dequantized weight is compared the same way (transformers_rows)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +55,35 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     return weights, t
 
 
+def load_with_transformers(path: Path):
+    """The folder loaded by transformers' own GPTQ path (optimum + GPTQModel), on CPU with GPTQModel's torch kernel
+    (TorchLinear: dequantize `scales[g_idx] * (q - zeros[g_idx])` in fp16, then matmul). Its default CPU kernel,
+    TorchAtenLinear, casts the scales to bf16 (`_weight_int4pack_mm_for_cpu`), so it is not the fp16 grid."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    bits = int(json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"])
+    with contextlib.redirect_stdout(sys.stderr):  # GPTQModel logs to stdout, which `check --json` owns
+        return AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float16,
+                                                    quantization_config=GPTQConfig(bits=bits, backend="gptq_torch")).eval()
+
+
+def transformers_rows(path: Path, ir) -> list[dict]:
+    """Each linear as transformers + GPTQModel dequantize it, against the IR; one 'unavailable' row without them."""
+    import importlib.util
+
+    missing = [m for m in ("gptqmodel", "optimum") if importlib.util.find_spec(m) is None]
+    if missing:
+        return [{"tensor": "*", "checker": "transformers+gptqmodel", "status": "unavailable", "exact": False,
+                 "n_diff": None, "max_ulp": None, "reason": f"{', '.join(missing)} not installed (GPTQModel's wheel "
+                 "pins the newest CUDA torch; install it with --no-deps to run this check)"}]
+    model = load_with_transformers(path)
+    return [compare(name, "transformers+gptqmodel", model.get_submodule(name[: -len(".weight")]).dequantize_weight().T,
+                    ql.dequant()) for name, ql in sorted(ir.linears.items())]
+
+
 def check(path: Path, ir) -> list[dict]:
     weights, plain = read_checkpoint(Path(path))
-    rows = []
+    rows = transformers_rows(Path(path), ir)
     for name, ql in sorted(ir.linears.items()):
         if name not in weights:
             rows.append({"tensor": name, "checker": "gptq-unpack", "status": "differs", "exact": False, "n_diff": -1,
