@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 GPTQ_CPU := gptqmodel==7.6.0 optimum==2.3.0 device-smi logbar pypcre tokenicer defuser torchao threadpoolctl
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-all bench formats clean
+.PHONY: install demo test test-all bench formats clean gpu-stage
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# what a CUDA host without network needs for `admmq-export check OUT --gpu` (kernels_check/gpu_stage.py; --dry-run: plan only)
+gpu-stage: $(STAMP)
+	$(BIN)/python -m kernels_check.gpu_stage
 
 formats: $(STAMP)
 	$(BIN)/admmq-export formats

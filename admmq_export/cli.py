@@ -197,7 +197,13 @@ def cmd_check(argv) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--kernels", action="store_true", help="GPTQ/Marlin: which kernels can run each layer, and why not")
     p.add_argument("--tp", type=int, default=1, help="with --kernels: tensor-parallel degree (default 1)")
+    p.add_argument("--gpu", action="store_true", help="every quantized tensor through the real GPU kernels that can hold it "
+                   "(Marlin, torch int4/int8, TritonV2, ggml-cuda) and their CPU twins; see kernels_check/gpu.py")
     a = p.parse_args(argv)
+    if a.gpu:
+        from kernels_check.gpu import cmd_gpu
+
+        return cmd_gpu(a.output, a.json)
     from kernels_check import check_output, format_table
 
     if a.kernels:
