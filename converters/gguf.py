@@ -27,7 +27,7 @@ from .base import Converter, QuantOptions
 from .gguf_layout import gguf_name, ordered_names, row_permutation, to_file_layout
 from .gguf_meta import add_hparams, add_tokenizer, gguf_arch, model_info
 from .gguf_pack import pack
-from .gguf_presets import FLOAT_TYPES, TYPE_NAMES, parse, tensor_type
+from .gguf_presets import FLOAT_TYPES, PRESETS, TYPE_NAMES, parse, tensor_type
 
 
 def float_array(x: torch.Tensor, t: str) -> tuple[np.ndarray, GGMLQuantizationType | None]:
@@ -119,10 +119,13 @@ class GGUFConverter(Converter):
     def support(self):
         rows = []
         for t, grid in GGUF_GRIDS.items():
-            rows.append({"format": f"gguf:{t.lower()}", "bits": str(grid.bits), "group_size": f"{grid.group_size}"
-                         + (f" ({grid.sub_size}-column sub-blocks)" if grid.sub_size and grid.sub_size != grid.group_size else ""),
-                         "sym": "sym (code offset)" if hasattr(grid, "offset") else "min (float offset)", "dequant": "fp32 (ggml to_float)",
-                         "notes": "single type for all linears"})
+            name = t.lower()
+            sub = f" ({grid.sub_size}-column sub-blocks)" if grid.sub_size and grid.sub_size != grid.group_size else ""
+            notes = (f"llama.cpp preset (mixture, see below); {name}-pure: {t} for every tensor" if name in PRESETS
+                     else f"{t} for every quantizable tensor (llama-quantize --pure), shape fallbacks apply")
+            rows.append({"format": f"gguf:{name}", "bits": str(grid.bits), "group_size": f"{grid.group_size}{sub}",
+                         "sym": "sym (code offset)" if hasattr(grid, "offset") else "min (float offset)",
+                         "dequant": "fp32 (ggml to_float)", "notes": notes})
         rows.append({"format": "gguf:q2_k|q3_k_s|q3_k_m|q3_k_l|q4_k_s|q4_k_m|q5_k_s|q5_k_m|q6_k|q8_0|q4_0|...",
                      "bits": "mixed", "group_size": "per type", "sym": "per type", "dequant": "fp32",
                      "notes": "llama.cpp preset rules per tensor (token_embd/output included), llama.cpp shape fallbacks"})
@@ -141,18 +144,26 @@ class _Out:
 
 
 class LlamaCppLM:
-    """`model(ids[1, T], use_cache=False).logits` computed by llama.cpp (all-token logits, fresh context per call)."""
+    """`model(ids[1, T], use_cache=False).logits` computed by llama.cpp (all-token logits, fresh context per call;
+    the context grows when a sequence is longer than `n_ctx`)."""
 
     def __init__(self, path: str | Path, n_ctx: int = 2048, threads: int | None = None):
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401
         except ImportError as e:
             raise UserError("llama-cpp-python is not installed, so a GGUF file cannot be run",
                             "pip install 'admmq-export[runtimes]' (or evaluate the .ir folder beside it)") from e
         import os
 
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False,
-                         n_threads=threads or max(1, os.cpu_count() or 1))
+        self.path, self.threads = str(path), threads or max(1, os.cpu_count() or 1)
+        self.llm = self._open(n_ctx)
+
+    def _open(self, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.n_ctx = n_ctx
+        return Llama(model_path=self.path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False,
+                     n_threads=self.threads)
 
     def eval(self):
         return self
@@ -162,6 +173,9 @@ class LlamaCppLM:
         if ids.shape[0] != 1:
             raise ValueError("llama.cpp runner takes one sequence at a time")
         toks = ids[0].tolist()
+        if len(toks) > self.n_ctx:
+            self.llm.close()
+            self.llm = self._open(len(toks))
         self.llm.reset()
         self.llm.eval(toks)
         scores = np.array(self.llm.scores[: len(toks)], dtype=np.float32, copy=True)
