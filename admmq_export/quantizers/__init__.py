@@ -51,6 +51,13 @@ def _load_all():
                 raise
 
 
+def nearest_codes(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Nearest grid point a·q + b of every entry, as float codes in 0..qmax (a = 0: code 0)."""
+    safe = torch.where(a == 0, torch.ones_like(a), a)
+    q = torch.round((y - b) / safe)
+    return torch.where(a == 0, torch.zeros_like(q), q).clamp(0, qmax)
+
+
 def layer_objective(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
     """½·Tr((Wq−W) H (Wq−W)ᵀ) in fp64 (H None: ½‖Wq−W‖²)."""
     E = (Wq.double() - W.double())

@@ -28,7 +28,7 @@ import weakref
 import torch
 
 from ..errors import UserError
-from . import QuantResult, register
+from . import QuantResult, nearest_codes, register
 from .gptq import prepare_hessian, quantize_gptq
 from .local_search import local_search as polish
 from .refit import can_refit
@@ -55,23 +55,23 @@ def _factor(H: torch.Tensor, Hd: torch.Tensor, damp: float, precondition: bool):
     return out
 
 
-def _codes(Y, As, Os, qmax):
-    safe = torch.where(As == 0, torch.ones_like(As), As)
-    c = torch.round((Y - Os) / safe)
-    return torch.where(As == 0, torch.zeros_like(c), c).clamp(0, qmax)
+def _objective(A, O, c, W_hat, Hd) -> float:
+    """½·Tr(E Hd Eᵀ) of codes c [m, n] on the per-entry grid (A, O)."""
+    E = A * c.float() + O - W_hat
+    return 0.5 * float(((E @ Hd) * E).double().sum())
 
 
 def admm(Bhat, Ht, lam, U, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_min=30, schedule="alps", trace=False):
     """The ADMM iterations of §2 in scaled coordinates. Returns (codes [n, m], stats)."""
     n, m = Bhat.shape
-    proj = lambda Y: As * _codes(Y, As, Os, qmax) + Os  # noqa: E731
+    proj = lambda Y: As * nearest_codes(Y, As, Os, qmax) + Os  # noqa: E731
     inv = torch.where(As == 0, torch.zeros_like(As), 1.0 / torch.where(As == 0, torch.ones_like(As), As))
     G = Ht @ Bhat
     cached = 3 * m > n  # one GEMM per iteration with M_ρ = U diag(1/(λ+ρ)) Uᵀ, refreshed when ρ changes
     M, M_rho = None, None
     B, D, V = Bhat.clone(), D0.clone(), torch.zeros_like(Bhat)
     rho, grown = rho0, False
-    c_prev = _codes(D, As, Os, qmax)
+    c_prev = nearest_codes(D, As, Os, qmax)
     fs = lambda Z: 0.5 * float(((Z - Bhat) * (Ht @ (Z - Bhat))).double().sum())  # noqa: E731
     tr = []
     t = 0
@@ -107,7 +107,7 @@ def admm(Bhat, Ht, lam, U, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_
             else:
                 rho /= 5
                 B, D, V = Bhat.clone(), D0.clone(), torch.zeros_like(V)
-                c_prev = _codes(D, As, Os, qmax)
+                c_prev = nearest_codes(D, As, Os, qmax)
         elif grown:
             stop = True
         else:
@@ -117,7 +117,7 @@ def admm(Bhat, Ht, lam, U, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_
             break
     cand = [(fs(proj(B)), "proj_B", proj(B)), (fs(D), "D", D)]
     f, which, Z = min(cand, key=lambda x: x[0])
-    return _codes(Z, As, Os, qmax), {"admm_iters": t + 1, "rho_final": rho, "final_iterate": which,
+    return nearest_codes(Z, As, Os, qmax), {"admm_iters": t + 1, "rho_final": rho, "final_iterate": which,
                                       "admm_f_scaled": f, "trace": tr}
 
 
@@ -144,14 +144,13 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
     A, O = A.to(W_hat.device), O.to(W_hat.device)
     As, Os = d[:, None] * A.T, d[:, None] * O.T
 
-    def f_codes(c):  # the true (damped) objective of codes [m, n]
-        E = A * c.float() + O - W_hat
-        return 0.5 * float(((E @ Hd) * E).double().sum())
+    def f_codes(c):  # the true (damped) objective of codes [m, n] on the current grid
+        return _objective(A, O, c, W_hat, Hd)
 
     if init == "gptq":
         init_codes = quantize_gptq(W, H, grid, damp=damp, static_groups=True, clip_search=clip_search).codes.float()
     elif init == "rtn":
-        init_codes = _codes(W_hat, A, O, grid.qmax)
+        init_codes = nearest_codes(W_hat, A, O, grid.qmax)
     else:
         raise UserError(f"unknown ADMM-Q initialisation {init!r}", "use rtn or gptq")
     Bhat = d[:, None] * W_hat.T
@@ -169,10 +168,9 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
     if refit and can_refit(grid, params):  # §6 grid refresh: refit scales/zeros for the codes, re-project, polish
         new = refit_params(grid, codes, W_hat, Hd)
         A2, O2 = (t.to(W_hat.device) for t in grid.column_affine(new, n))
-        c2 = _codes(A * codes + O, A2, O2, grid.qmax)
+        c2 = nearest_codes(A * codes + O, A2, O2, grid.qmax)
         c2, _ = polish(c2, A2, O2, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
-        E2 = A2 * c2.float() + O2 - W_hat
-        f2 = 0.5 * float(((E2 @ Hd) * E2).double().sum())
+        f2 = _objective(A2, O2, c2, W_hat, Hd)
         st["f_refit"] = f2
         if f2 < f_codes(codes):
             codes, params, A, O = c2.float(), new, A2, O2
@@ -183,8 +181,7 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
         res = quantize_gptq(W, H, grid, damp=damp, static_groups=static_groups, clip_search=clip_search)
         Ag, Og = grid.column_affine(res.params, n, res.g_idx)
         cg, _ = polish(res.codes, Ag, Og, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
-        Eg = Ag * cg.float() + Og - W_hat
-        fg = 0.5 * float(((Eg @ Hd) * Eg).double().sum())
+        fg = _objective(Ag, Og, cg, W_hat, Hd)
         st["f_gptq_ls"] = fg
         if fg < st["f_final"]:
             best, params, g_idx, st["f_final"], st["chosen"] = cg.float(), res.params, res.g_idx, fg, "gptq+ls"

@@ -4,14 +4,15 @@
 2. `static_groups`: group parameters of every unit fitted up front on the original W (before any permutation).
 3. `act_order`: columns in order of decreasing diag(H); W's columns and both axes of H permuted.
 4. Damping H += damp·mean(diag H)·I; U = upper Cholesky factor of H⁻¹.
-5. Lazy batches of `blocksize` columns; per column i: when a unit starts, its parameters are fitted on the current,
-   error-updated weights of that unit (dynamic groups, like the reference); q = nearest grid point;
+5. Lazy batches of `blocksize` columns; per column i: when a unit starts, its parameters are fitted on that unit's
+   weights as they stood at the start of the block (dynamic groups: the reference's `find_params(W[:, i1+i:...])`,
+   which does not see the updates of the block's earlier columns; GPTQModel does the same); q = nearest grid point;
    err = (w − q)/U_ii; W_block[:, i:] −= err ⊗ U[i, i:]; after the block W[:, rest] −= Err·U[block, rest].
 6. Codes are returned in the original column order; with act_order and dynamic groups, `g_idx[perm[i]] = i // unit`
    (the unit whose parameters column perm[i] uses), which every GPTQ kernel reads.
 
 Grid-generic: a unit (group) may hold several sub-units with their own (a, b) (the K-quants); units longer than the
-block (Q*_K: 256) make the block a unit long, so a unit's columns are always up to date when it is fitted.
+block (Q*_K: 256) make the block a unit long, so such a unit always starts a block and sees every update.
 The reconstruction error uses the runtime's value of each grid point (fp16 for GPTQ/Marlin kernels).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from . import QuantResult, register
+from . import QuantResult, nearest_codes, register
 
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor, damp: float):
@@ -53,12 +54,6 @@ def upper_inverse_cholesky(H: torch.Tensor, damp: float):
 def _runtime_value(grid, a, b, q):
     y = a * q + b
     return y.to(grid.runtime_dtype).float() if grid.runtime_dtype != torch.float32 else y
-
-
-def _project(grid, w, a, b):
-    safe = torch.where(a == 0, torch.ones_like(a), a)
-    q = torch.round((w - b) / safe)
-    return torch.where(a == 0, torch.zeros_like(q), q).clamp(0, grid.qmax)
 
 
 def _unit_columns(grid, params, unit):
@@ -105,12 +100,13 @@ def quantize_gptq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, ac
         for i in range(i2 - i1):
             c = i1 + i
             if not static and c % unit == 0:
-                p = grid.fit(W1[:, i:i + unit], clip_search=clip_search,
+                # the reference fits a group on W as of the block start (W, not the running W1)
+                p = grid.fit(W[:, c:c + unit], clip_search=clip_search,
                              weight=None if weight is None else weight[perm[c:c + unit] if perm is not None else slice(c, c + unit)])
                 unit_params.append(p)
                 A[:, c:c + unit], B[:, c:c + unit] = _unit_columns(grid, p, unit)
             w = W1[:, i]
-            q = _project(grid, w, A[:, c], B[:, c])
+            q = nearest_codes(w, A[:, c], B[:, c], grid.qmax)
             Q[:, c] = q
             deq = _runtime_value(grid, A[:, c], B[:, c], q)
             d = U[c, c]

@@ -12,10 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def objective(E: torch.Tensor, H: torch.Tensor) -> float:
-    return 0.5 * float(((E.double() @ H.double()) * E.double()).sum())
-
-
 def local_search(codes: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor,
                  qmax: int, sweeps: int = 3, tol: float = 1e-6, block: int = 32) -> tuple[torch.Tensor, dict]:
     """Polish integer codes [m, n] with per-entry grid (A, B) [m, n]. Returns (codes, stats).
