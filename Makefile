@@ -9,9 +9,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: install demo test test-all bench formats clean gpu-stage
 
+# llama-cpp-python is compiled for this CPU (GGML_NATIVE): --no-cache-dir, since a wheel cached on another machine
+# can die with "Illegal instruction"; without AMX, which some VMs report in CPUID but do not enable (tilezero -> SIGILL)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/python -m pip install -q --no-cache-dir $$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 	$(BIN)/python -m pip install -q -e ".[test,runtimes]"
 	BUILD_CUDA_EXT=0 $(BIN)/python -m pip install -q --no-deps $(GPTQ_CPU)
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
@@ -25,6 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench,peers]"
 	$(BIN)/python -m bench
 
 # what a CUDA host without network needs for `admmq-export check OUT --gpu` (kernels_check/gpu_stage.py; --dry-run: plan only)

@@ -24,6 +24,10 @@ TARGETS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                "-DLLAMA_BUILD_TOOLS=ON", "-DGGML_OPENMP=ON"]
+# Native build without AMX: some VMs report AMX in CPUID but do not enable its tile state, and ggml's AMX matmul then
+# dies with "Illegal instruction" (tilezero) on Q4_0/Q8_0 weights. Same flags as the Makefile's llama-cpp-python build.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_FLAGS += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
 def tools_dir() -> Path:
