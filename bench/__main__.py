@@ -12,7 +12,7 @@ import time
 
 from .common import RESULTS, ROOT, machine
 
-SUITES = ["rtn", "admmq_layers", "quality", "gguf", "gptq", "onnx", "gpu_kernels", "cost"]
+SUITES = ["rtn", "admmq_layers", "quality", "gguf", "gguf_pack", "gptq", "onnx", "gpu_kernels", "cost"]
 
 
 def assemble() -> None:

@@ -86,3 +86,27 @@ def save_section(name: str, markdown: str, data: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def ppl_plot(name: str, series: dict[str, list[tuple[float, float]]], baseline: float, baseline_label: str,
+             xlabel: str, ylabel: str, title: str, style: str = "o") -> None:
+    """One PNG under bench/plots: perplexity (log scale) per series against x, with the unquantized baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in series.items():
+        if pts:
+            ax.plot(*zip(*sorted(pts)), style, label=label)
+    ax.axhline(baseline, color="k", ls="--", lw=0.8, label=baseline_label)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(PLOTS / name, dpi=120)
+    plt.close(fig)
