@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 # llama-cpp-python is compiled for this CPU (GGML_NATIVE): --no-cache-dir, since a wheel cached on another machine
 # can die with "Illegal instruction"; without AMX, which some VMs report in CPUID but do not enable (tilezero -> SIGILL)
-NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,8 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_
 # Native build without AMX: some VMs report AMX in CPUID but do not enable its tile state, and ggml's AMX matmul then
 # dies with "Illegal instruction" (tilezero) on Q4_0/Q8_0 weights. Same flags as the Makefile's llama-cpp-python build.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-CMAKE_FLAGS += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
+if platform.machine() in ("x86_64", "AMD64"):
+    CMAKE_FLAGS += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
 def tools_dir() -> Path:
