@@ -21,18 +21,9 @@ except Exception as e:  # not installed, or it fails to import without CUDA
 
 @dataclass(frozen=True)
 class Fp32ScaleGrid(IntGrid):
-    """IntGrid with the scale and zero point of GPTQModel's `Quantizer.find_params`, scale kept in fp32."""
+    """IntGrid with GPTQModel's `Quantizer.find_params` scale kept in fp32 (same min/max, zero point and sym rules)."""
 
-    def fit_units(self, Wu):
-        lo, hi = Wu.amin(-1).clamp(max=0), Wu.amax(-1).clamp(min=0)
-        if self.sym:
-            hi = torch.maximum(-lo, hi)
-            lo = -hi
-        empty = (lo == 0) & (hi == 0)
-        lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
-        s = (hi - lo) / self.qmax
-        z = torch.full_like(s, (self.qmax + 1) // 2) if self.sym else torch.round(-lo / s)
-        return {"scale": s.unsqueeze(-1), "zero": z.to(torch.uint8).unsqueeze(-1)}
+    scale_dtype = torch.float32
 
 
 def _layer(m=64, n=256, tokens=512, seed=0):

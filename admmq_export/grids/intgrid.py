@@ -17,6 +17,7 @@ from .base import Grid
 @dataclass(frozen=True)
 class IntGrid(Grid):
     kind: str = "int"
+    scale_dtype = torch.float16  # storage dtype of the group scales (a class constant, not a grid field)
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 5, 6, 7, 8):
@@ -40,7 +41,7 @@ class IntGrid(Grid):
         empty = (xmin == 0) & (xmax == 0)
         xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
         xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-        scale = ((xmax - xmin) / self.qmax).to(torch.float16)
+        scale = ((xmax - xmin) / self.qmax).to(self.scale_dtype)
         scale = torch.where(scale == 0, torch.full_like(scale, 2**-24), scale)  # fp16 subnormal floor
         if self.sym:
             zero = torch.full_like(xmin, (self.qmax + 1) // 2)
