@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 GPTQ_CPU := gptqmodel==7.6.0 optimum==2.3.0 device-smi logbar pypcre tokenicer defuser torchao threadpoolctl
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-all bench formats clean gpu-stage
+.PHONY: install demo test test-all bench formats clean gpu-stage gpu-slices
 
 # llama-cpp-python is compiled for this CPU (GGML_NATIVE): --no-cache-dir, since a wheel cached on another machine
 # can die with "Illegal instruction"; without AMX, which some VMs report in CPUID but do not enable (tilezero -> SIGILL)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 # what a CUDA host without network needs for `admmq-export check OUT --gpu` (kernels_check/gpu_stage.py; --dry-run: plan only)
 gpu-stage: $(STAMP)
 	$(BIN)/python -m kernels_check.gpu_stage
+
+# slices of the benchmark outputs for the GPU host's real-kernel checks (bench/gpu_slices.py); then on the CUDA host,
+# with the checkout, .gpu_stage/ and bench/out/gpu_slices/: bench/gpu_host.sh LOGDIR
+gpu-slices: $(STAMP)
+	$(BIN)/python -m bench.gpu_slices
 
 formats: $(STAMP)
 	$(BIN)/admmq-export formats

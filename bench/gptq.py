@@ -9,12 +9,12 @@ import json
 from .common import OUT, WIKI, cli, evaluate, export, machine, md_table, save_section
 
 ALL = ("rtn", "gptq", "admmq")
-# (model, target, bits, group, sym, methods): the calibrated methods at W4 (Marlin on Gemma-3, g64 asym on SmolLM2);
-# the other grids of the issue with RTN (their GPTQ/ADMM-Q comparison is the quality section's, as ONNX in ORT)
+# (model, target, bits, group, sym, methods): Marlin W4 g128 sym on Gemma-3 (SmolLM2's in-dim 576 does not divide
+# 128), and W4 g64 asym, W3 g64 sym, W2 g32 asym on both models, each with RTN, GPTQ and ADMM-Q
 RUNS = [("gemma3-270m", "marlin", 4, 128, True, ALL), ("smollm2", "gptq", 4, 64, False, ALL),
-        ("gemma3-270m", "gptq", 4, 64, False, ("rtn",)), ("gemma3-270m", "gptq", 3, 64, True, ("rtn",)),
-        ("gemma3-270m", "gptq", 2, 32, False, ("rtn",)), ("smollm2", "gptq", 3, 64, True, ("rtn",)),
-        ("smollm2", "gptq", 2, 32, False, ("rtn",))]
+        ("gemma3-270m", "gptq", 4, 64, False, ALL), ("gemma3-270m", "gptq", 3, 64, True, ALL),
+        ("gemma3-270m", "gptq", 2, 32, False, ALL), ("smollm2", "gptq", 3, 64, True, ALL),
+        ("smollm2", "gptq", 2, 32, False, ALL)]
 
 
 def run(quick: bool = False) -> None:
@@ -37,16 +37,18 @@ def run(quick: bool = False) -> None:
                          "ppl_file": evaluate(str(out), WIKI, "llamacpp", wl)["ppl"],
                          "ppl_ir": evaluate(f"{out}.ir", WIKI, "llamacpp", wl)["ppl"],
                          "bit-exact": "yes" if ok else "NO", "marlin layers": f"{sum('marlin' in r['kernels'] for r in pre)}/{len(pre)}",
-                         "format": rep["report"].get("checkpoint_format"), "export_s": rep["wall_seconds"]})
+                         "format": rep["report"].get("checkpoint_format"), "export_s": rep["wall_seconds"],
+                         "reused": "yes" if rep.get("reused") else ""})
     md = [f"## GPTQ / Marlin checkpoints (`python -m bench --suite gptq{' --quick' if quick else ''}`)", "",
           f"Perplexity on the first {wl} WikiText-2 chunks of 512 tokens (llama.cpp protocol). `ppl_file`: the written "
           "checkpoint rebuilt from its own qweight/qzeros/scales/g_idx by our independent reader (the GPTQ kernels' "
           "`fp16(s·(q−z))`; plain tensors fp16), run in fp32 torch; `ppl_ir`: our fake-quant IR (same quantized weights, "
           "plain tensors fp32). `bit-exact`: `admmq-export check` (every layer's weight, 0 differing bits, through our "
           "unpacker and through transformers + GPTQModel 7.6.0's torch kernel, built without CUDA by `make install`). `marlin layers`: pre-flight (`check --kernels`). Calibration "
-          f"{nsamples} x {seqlen} C4 tokens. GPTQ and ADMM-Q at W4 (Marlin W4 g128 sym on Gemma-3, whose in-dims all divide "
-          "128; W4 g64 asym on SmolLM2, whose in-dim 576 does not); the 3- and 2-bit packings are shown with RTN here, and "
-          "the three methods at those grids are compared in the quality section.", "",
-          md_table(rows, ["model", "target", "method", "ppl_file", "ppl_ir", "bit-exact", "marlin layers", "format", "export_s"]),
+          f"{nsamples} x {seqlen} C4 tokens. Grids: Marlin W4 g128 sym on Gemma-3 (its in-dims all divide 128; SmolLM2's "
+          "576 does not), W4 g64 asym, W3 g64 sym and W2 g32 asym on both models. `reused`: the checkpoint was written "
+          "by an earlier run of this suite with the same arguments (BENCH_REUSE=1; its export_s is that run's), and "
+          "was reloaded, checked and evaluated again in this one.", "",
+          md_table(rows, ["model", "target", "method", "ppl_file", "ppl_ir", "bit-exact", "marlin layers", "format", "export_s", "reused"]),
           "", f"Machine: {machine()}"]
     save_section("gptq", "\n".join(md), {"rows": rows, "machine": machine()})

@@ -159,7 +159,7 @@ def _any(t) -> str:
 
 KERNELS += [
     Kernel("ggml-cuda GET_ROWS|MUL_MAT(F32) cuda f32", BlockTensor, "cuda", _any, lambda: ready("cuda"),
-           lambda t, d: run(t, "cuda"), torch.float32, torch.float32),
+           lambda t, d: run(t, "cuda"), torch.float32, torch.float32, gemm_probe=lambda t: t.ggml_type not in LEGACY),
     Kernel("ggml-cpu GET_ROWS CPU-kernel f32", BlockTensor, "cpu", _any, lambda: ready("cpu"),
            lambda t, d: run(t, "cpu"), torch.float32, torch.float32),
     Kernel("ggml to_float CPU-kernel f32", BlockTensor, "cpu", _any, _to_float_ready,

@@ -96,4 +96,5 @@ def run(t: IntTensor, device: str, dt: str) -> torch.Tensor:
 
 for _dt, _t in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
     KERNELS.append(Kernel(f"marlin gptq_marlin_gemm cuda {_dt}", IntTensor, "cuda", fits,
-                          lambda dt=_dt: ready(dt), lambda t, d, dt=_dt: run(t, d, dt), _t, _t))
+                          lambda dt=_dt: ready(dt), lambda t, d, dt=_dt: run(t, d, dt), _t, _t,
+                          gemm_probe=lambda t: True))

@@ -86,15 +86,16 @@ def _has(op: str) -> str:
 
 
 BF16, F16 = torch.bfloat16, torch.float16
+_GEMM = lambda t: True  # noqa: E731 - every torch kernel here is read through the identity GEMM
 KERNELS += [
     Kernel("torch _weight_int4pack_mm cuda bf16", IntTensor, "cuda", lambda t: _fits_int4(t, True), cuda_ready,
-           lambda t, d: _run_int4(t, d, BF16), BF16, BF16),
+           lambda t, d: _run_int4(t, d, BF16), BF16, BF16, gemm_probe=_GEMM),
     Kernel("torch _weight_int8pack_mm cuda bf16", IntTensor, "cuda", _fits_int8, cuda_ready,
-           lambda t, d: _run_int8(t, d, BF16), BF16, BF16),
+           lambda t, d: _run_int8(t, d, BF16), BF16, BF16, gemm_probe=_GEMM),
     Kernel("torch _weight_int4pack_mm_for_cpu CPU-kernel bf16", IntTensor, "cpu", lambda t: _fits_int4(t, False),
-           lambda: _has("_weight_int4pack_mm_for_cpu"), lambda t, d: _run_int4(t, "cpu", BF16), BF16, BF16),
+           lambda: _has("_weight_int4pack_mm_for_cpu"), lambda t, d: _run_int4(t, "cpu", BF16), BF16, BF16, gemm_probe=_GEMM),
     Kernel("torch _weight_int4pack_mm_for_cpu CPU-kernel fp16", IntTensor, "cpu", lambda t: _fits_int4(t, False),
-           lambda: _has("_weight_int4pack_mm_for_cpu"), lambda t, d: _run_int4(t, "cpu", F16), F16, F16),
+           lambda: _has("_weight_int4pack_mm_for_cpu"), lambda t, d: _run_int4(t, "cpu", F16), F16, F16, gemm_probe=_GEMM),
     Kernel("torch _weight_int8pack_mm CPU-kernel bf16", IntTensor, "cpu", lambda t: _fits_int8(t, cpu=True),
-           lambda: _has("_weight_int8pack_mm"), lambda t, d: _run_int8(t, "cpu", BF16), BF16, BF16),
+           lambda: _has("_weight_int8pack_mm"), lambda t, d: _run_int8(t, "cpu", BF16), BF16, BF16, gemm_probe=_GEMM),
 ]

@@ -87,7 +87,7 @@ class Grid:
         params = self.fit_units(Wu)
         if not clip_search:
             return params
-        w = torch.ones(cols) if weight is None else weight.float().clamp_min(0)
+        w = torch.ones(cols, device=W.device) if weight is None else weight.float().clamp_min(0)
         w = w.reshape(1, cols // g, g).to(W.device)
         best = self._unit_error(Wu, params, w)
         for i in range(1, SHRINK_STEPS + 1):
