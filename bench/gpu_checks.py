@@ -17,6 +17,7 @@ import torch
 
 from .common import RESULTS, ROOT, machine, md_table, save_section
 
+TITLE = "## Real GPU kernels on our files (`python -m bench --suite gpu_checks`)"  # --quick changes nothing here
 SLICES = Path(os.environ.get("ADMMQ_GPU_SLICES", ROOT / "bench" / "out" / "gpu_slices"))
 
 
@@ -59,9 +60,8 @@ def run(quick: bool = False) -> None:
     from admmq_export.ir import QuantizedModel
     from kernels_check import gpu
 
-    title = f"## Real GPU kernels on our files (`python -m bench --suite gpu_checks{' --quick' if quick else ''}`)"
     if not torch.cuda.is_available():
-        save_section("gpu_checks", f"{title}\n\nNo CUDA device in this run (torch {torch.__version__}): nothing was "
+        save_section("gpu_checks", f"{TITLE}\n\nNo CUDA device in this run (torch {torch.__version__}): nothing was "
                      "checked on GPU kernels. Run this suite on a CUDA host (see kernels_check/gpu.py).",
                      {"cuda": False})
         return
@@ -111,8 +111,7 @@ def render(info: dict, files: list[dict], rows: list[dict]) -> None:
     ran = [s for s in summ if s["exact"] + s["differs"] + s[gpu.SIGNED_ZERO]]
     diffs = [r for r in rows if r["status"] == "differs"]
     zeros = [r for r in diffs if r.get("ir_neg_zeros") == r["n_diff"] and r["max_ulp"] == 2**31]
-    title = "## Real GPU kernels on our files (`python -m bench --suite gpu_checks`)"
-    md = [title, "",
+    md = [TITLE, "",
           f"{info['device']}, driver {info['driver']}, CUDA {info['cuda']}, torch {info['torch']}. Each file is a slice of a "
           "benchmark output (`python -m kernels_check.slice`: the named layers' bytes copied verbatim, with the IR's "
           "codes for them). A kernel's weight is read with the identity-matrix probe (Marlin, torch int4/int8, ggml-cuda "

@@ -22,15 +22,18 @@ def register(detect, check):
     CHECKERS.append((detect, check))
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor, as signed integers of the same width."""
+    itype = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype]
+    return t.contiguous().view(itype)
+
+
 def compare(tensor: str, checker: str, got: torch.Tensor, want: torch.Tensor) -> dict:
     """Bit-level comparison in the IR's runtime dtype."""
     if tuple(got.shape) != tuple(want.shape):
         return {"tensor": tensor, "checker": checker, "status": "differs", "exact": False, "n_diff": -1,
                 "max_ulp": None, "reason": f"shape {tuple(got.shape)} != {tuple(want.shape)}"}
-    got = got.to(want.dtype).contiguous()
-    want = want.contiguous()
-    itype = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[want.dtype]
-    gi, wi = got.view(itype).long(), want.view(itype).long()
+    gi, wi = bits(got.to(want.dtype)).long(), bits(want).long()
     diff = gi != wi
     n = int(diff.sum())
     ulp = int((gi - wi).abs().max()) if n else 0

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import compare
+from . import bits, compare
 
 STAGE = Path(__file__).resolve().parent.parent / ".gpu_stage"
 
@@ -174,8 +174,7 @@ SIGNED_ZERO = "exact up to -0"  # status: every differing element is an IR -0 re
 def zero_sign_only(got: torch.Tensor, want: torch.Tensor) -> int:
     """Elements whose bits differ, when every one of them is a zero of the other sign (else 0)."""
     got = got.to(want.dtype)
-    itype = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[want.dtype]
-    bad = got.contiguous().view(itype) != want.contiguous().view(itype)
+    bad = bits(got) != bits(want)
     if not bool(bad.any()):
         return 0
     return int(bad.sum()) if bool(((got == 0) & (want == 0))[bad].all()) else 0
