@@ -52,9 +52,11 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--admm-iters", type=int, default=None, help="ADMM-Q iterations (default: spec)")
     p.add_argument("--no-local-search", action="store_true", help="ADMM-Q: skip the local-search polish")
     p.add_argument("--rho0", type=float, default=0.1, help="ADMM-Q: initial penalty in the unit-diagonal scaling (default 0.1)")
+    p.add_argument("--admm-solver", default="cholesky", choices=["cholesky", "eigh"],
+                   help="ADMM-Q W-step: a Cholesky of H+rho*I per penalty value (default) or one fp64 eigendecomposition (ALPS form)")
     p.add_argument("--admm-init", default="rtn", choices=["rtn", "gptq"], help="ADMM-Q: initial codes (default rtn)")
     p.add_argument("--refit", action="store_true",
-                   help="ADMM-Q: refit group scales/zeros for the final codes (H-weighted least squares; int/GPTQ/Marlin grids)")
+                   help="ADMM-Q: refit group scales/zeros for the final codes (H-weighted least squares; int/GPTQ/Marlin and GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 grids)")
     p.add_argument("--safety-net", action="store_true",
                    help="ADMM-Q: also run GPTQ + local search and keep the lower layer objective")
     p.add_argument("--onnx-scale-dtype", default="fp32", choices=["fp32", "fp16"],
@@ -76,7 +78,8 @@ def _method_options(a) -> dict:
                             "drop --act-order (it applies to --method gptq)")
         opts.pop("act_order")
         opts.update(rho0=a.rho0, iters=300 if a.admm_iters is None else a.admm_iters, init=a.admm_init,
-                    local_search=not a.no_local_search, safety_net=a.safety_net, refit=a.refit, schedule="alps", precondition=True)
+                    local_search=not a.no_local_search, safety_net=a.safety_net, refit=a.refit, schedule="alps", precondition=True,
+                    solver=a.admm_solver)
     return opts
 
 

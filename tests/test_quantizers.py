@@ -106,6 +106,30 @@ def test_local_search_never_increases_the_objective(grid):
     assert st["ls_moves"] > 0 and after < before
 
 
+@pytest.mark.parametrize("m", [96, 8])  # 3m > n: dense M_ρ, one GEMM; 3m <= n: factored solves
+def test_admm_w_step_solvers_agree(m):
+    """The Cholesky W-step (default) and the eigendecomposition form solve the same (H̃ + ρI)·B = R, every ρ;
+    through ADMM-Q they reach the same codes up to fp32 ties (objectives equal to 1e-5)."""
+    from admmq_export.quantizers.admmq import WStep
+
+    W, H = _problem(m, 64, seed=5)
+    Hd = H.clone()
+    Hd.diagonal().add_(0.01 * Hd.diagonal().mean())
+    d = Hd.diagonal().sqrt()
+    Ht = Hd / d[:, None] / d[None, :]
+    R = torch.randn(64, m, generator=torch.Generator().manual_seed(1))
+    chol, eig = WStep(Ht, m, "cholesky"), WStep(Ht, m, "eigh")
+    for rho in (0.02, 0.1, 1.3, 250.0):
+        exact = torch.linalg.solve(Ht.double() + rho * torch.eye(64, dtype=torch.float64), R.double())
+        for ws in (chol, eig):
+            assert float((ws(R, rho).double() - exact).norm() / exact.norm()) < 1e-4
+    grid = int_grid("int", 3, 16, False)
+    f = {s: _f(W, H, grid, get_quantizer("admmq")(W, H, grid, solver=s)) for s in ("cholesky", "eigh")}
+    assert f["cholesky"] == pytest.approx(f["eigh"], rel=1e-5)
+    with pytest.raises(Exception, match="solver"):
+        get_quantizer("admmq")(W, H, grid, solver="lu")
+
+
 @pytest.mark.parametrize("init", ["rtn", "gptq"])
 def test_admmq_never_worse_than_its_initialisation(init):
     for grid in (int_grid("int", 3, 32, False), GGUF_GRIDS["Q3_K"], int_grid("marlin", 4, 128, True)):
@@ -217,15 +241,28 @@ def test_gptq_matches_the_reference_implementation(act_order):
     assert agree > 0.999, agree  # rounding ties of round((w−b)/s) vs round(w/s)+z may flip a rare code
 
 
-@pytest.mark.parametrize("sym", [False, True])
-def test_grid_refresh_lowers_the_objective(sym):
-    grid = int_grid("gptq", 3, 32, sym)
+REFIT_GRIDS = [int_grid("gptq", 3, 32, False), int_grid("gptq", 3, 32, True), *(GGUF_GRIDS[t] for t in ("Q4_0", "Q5_0", "Q4_1", "Q5_1"))]
+
+
+@pytest.mark.parametrize("grid", REFIT_GRIDS, ids=lambda g: g.name)
+def test_grid_refresh_lowers_the_objective(grid):
+    """int/GPTQ (fp16 scale + integer zero) and the 32-element GGUF types (fp16 d, and m for Q*_1): the refit
+    parameters keep their storage dtypes, the codes stay valid, and the objective drops."""
     W, H = _problem(24, 128, seed=8)
     plain = get_quantizer("admmq")(W, H, grid)
     ref = get_quantizer("admmq")(W, H, grid, refit=True)
     assert ref.stats["f_final"] <= plain.stats["f_final"]
-    assert ref.params["scale"].dtype == torch.float16 and ref.params["zero"].dtype == torch.uint8
+    assert {k: v.dtype for k, v in ref.params.items()} == {k: v.dtype for k, v in plain.params.items()}
+    assert int(ref.codes.max()) <= grid.qmax
     assert _f(W, H, grid, ref) < _f(W, H, grid, plain)
+
+
+def test_grid_refresh_leaves_k_quants_alone():
+    """Two-level K-quant scales are not refitted: --refit is a no-op there, not an error."""
+    grid = GGUF_GRIDS["Q4_K"]
+    W, H = _problem(8, 256, seed=8)
+    plain, ref = (get_quantizer("admmq")(W, H, grid, refit=r) for r in (False, True))
+    assert "f_refit" not in ref.stats and torch.equal(plain.codes, ref.codes)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path runs only on a CUDA host")

@@ -3,10 +3,15 @@
     min ½·Tr((W − Ŵ) H (W − Ŵ)ᵀ)  s.t.  W on the grid (group parameters fixed first, §6 A1)
 
 * Preconditioning (§3): dead inputs, damping 0.01·mean(diag H), Jacobi scaling d = sqrt(diag H) so H̃ has a unit
-  diagonal, eigendecomposition H̃ = U·diag(λ)·Uᵀ in fp64 (kept fp32), cached per distinct H (q/k/v and gate/up
-  share theirs). `precondition=False` (ablation) scales by one scalar instead, so ρ keeps its meaning on average.
+  diagonal, cached per distinct H (q/k/v and gate/up share theirs). `precondition=False` (ablation) scales by one
+  scalar instead, so ρ keeps its meaning on average.
 * Splitting (§2), all rows at once in the scaled coordinates B = diag(d)·Wᵀ:
-  W-step B = (H̃ + ρI)⁻¹(G − V + ρD), G = H̃·B̂ (through U, or a cached M_ρ when m > n/3);
+  W-step B = (H̃ + ρI)⁻¹(G − V + ρD), G = H̃·B̂. `solver="cholesky"` (default; §2.1's alternative): one Cholesky
+  of H̃ + ρI per distinct ρ, then M_ρ = its inverse (one GEMM per iteration) when m > n/3, else two triangular
+  solves. `solver="eigh"` (§3 step 4, the ALPS form): H̃ = U·diag(λ)·Uᵀ once in fp64 (kept fp32), M_ρ =
+  U·diag(1/(λ+ρ))·Uᵀ or U·(Uᵀ·R/(λ+ρ)). Same iterates up to fp32 rounding; the Cholesky form skips the fp64
+  eigendecomposition, which dominated ADMM-Q's time on wide layers.
+  ρ changes at most once per check (3 iterations), so the factor is refreshed at most that often.
   D-step D = Π(B + V/ρ), the exact nearest grid point of every entry for its fixed (a, b);
   dual V += ρ(B − D).
 * Penalty schedule (§2.4, ALPS): every 3 iterations, s = codes changed since the last check:
@@ -35,11 +40,12 @@ from .refit import can_refit
 from .refit import refit as refit_params
 
 RHO_MAX = 1e6
-_FACTORS: dict[tuple, tuple] = {}  # id(H), damp, precondition -> (weakref(H), d, Ht, lam, U)
+SOLVERS = ("cholesky", "eigh")
+_FACTORS: dict[tuple, tuple] = {}  # id(H), damp, precondition, device -> (weakref(H), d, Ht, {"eigh": (lam, U)})
 
 
 def _factor(H: torch.Tensor, Hd: torch.Tensor, damp: float, precondition: bool):
-    """Scaling d, H̃ and its eigendecomposition, computed once per distinct Hessian object."""
+    """Scaling d and H̃, computed once per distinct Hessian object (plus a slot for its eigendecomposition)."""
     key = (id(H), damp, precondition, str(Hd.device))
     hit = _FACTORS.get(key)
     if hit is not None and hit[0]() is H:
@@ -47,12 +53,49 @@ def _factor(H: torch.Tensor, Hd: torch.Tensor, damp: float, precondition: bool):
     diag = torch.diagonal(Hd)
     d = diag.sqrt() + 1e-8 if precondition else torch.full_like(diag, float(diag.mean().sqrt()))
     Ht = Hd / d[:, None] / d[None, :]
-    lam, U = torch.linalg.eigh(Ht.double())
-    out = (d, Ht, lam.float(), U.float())
+    out = (d, Ht, {})
     for k in [k for k, v in _FACTORS.items() if v[0]() is None]:
         del _FACTORS[k]
     _FACTORS[key] = (weakref.ref(H), *out)
     return out
+
+
+class WStep:
+    """B = (H̃ + ρI)⁻¹·R for the current ρ; the ρ-dependent factor is rebuilt only when ρ changes."""
+
+    def __init__(self, Ht: torch.Tensor, m: int, solver: str = "cholesky", cache: dict | None = None):
+        if solver not in SOLVERS:
+            raise UserError(f"unknown ADMM-Q W-step solver {solver!r}", f"use one of {', '.join(SOLVERS)}")
+        self.Ht, self.solver, self.rho = Ht, solver, None
+        self.dense = 3 * m > Ht.shape[0]  # one GEMM per iteration with a dense M_ρ, else a factored solve
+        if solver == "eigh":
+            cache = {} if cache is None else cache
+            if "eigh" not in cache:
+                lam, U = torch.linalg.eigh(Ht.double())
+                cache["eigh"] = (lam.float(), U.float())
+            self.lam, self.U = cache["eigh"]
+
+    def _refresh(self, rho: float) -> None:
+        self.rho = rho
+        if self.solver == "eigh":
+            self.M = (self.U / (self.lam + rho)) @ self.U.T if self.dense else None
+            return
+        A = self.Ht.clone()
+        A.diagonal().add_(rho)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info):  # not positive definite in fp32 (tiny ρ, near-singular H̃): factor in fp64
+            L = torch.linalg.cholesky(A.double()).float()
+        self.L = L
+        self.M = torch.cholesky_inverse(L) if self.dense else None
+
+    def __call__(self, R: torch.Tensor, rho: float) -> torch.Tensor:
+        if rho != self.rho:
+            self._refresh(rho)
+        if self.M is not None:
+            return self.M @ R
+        if self.solver == "eigh":
+            return self.U @ ((self.U.T @ R).div_((self.lam + rho)[:, None]))
+        return torch.cholesky_solve(R, self.L)
 
 
 def _objective(A, O, c, W_hat, Hd) -> float:
@@ -61,14 +104,13 @@ def _objective(A, O, c, W_hat, Hd) -> float:
     return 0.5 * float(((E @ Hd) * E).double().sum())
 
 
-def admm(Bhat, Ht, lam, U, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_min=30, schedule="alps", trace=False):
-    """The ADMM iterations of §2 in scaled coordinates. Returns (codes [n, m], stats)."""
+def admm(Bhat, Ht, wstep, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_min=30, schedule="alps",
+         trace=False):
+    """The ADMM iterations of §2 in scaled coordinates; `wstep` solves (H̃ + ρI)·B = R. Returns (codes [n, m], stats)."""
     n, m = Bhat.shape
     proj = lambda Y: As * nearest_codes(Y, As, Os, qmax) + Os  # noqa: E731
     inv = torch.where(As == 0, torch.zeros_like(As), 1.0 / torch.where(As == 0, torch.ones_like(As), As))
     G = Ht @ Bhat
-    cached = 3 * m > n  # one GEMM per iteration with M_ρ = U diag(1/(λ+ρ)) Uᵀ, refreshed when ρ changes
-    M, M_rho = None, None
     B, D, V = Bhat.clone(), D0.clone(), torch.zeros_like(Bhat)
     rho, grown = rho0, False
     c_prev = nearest_codes(D, As, Os, qmax)
@@ -76,13 +118,7 @@ def admm(Bhat, Ht, lam, U, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_
     tr = []
     t = 0
     for t in range(max_iter):
-        R = torch.add(G, D, alpha=rho).sub_(V)  # §2.1
-        if cached:
-            if M_rho != rho:
-                M, M_rho = (U / (lam + rho)) @ U.T, rho
-            B = M @ R
-        else:
-            B = U @ ((U.T @ R).div_((lam + rho)[:, None]))
+        B = wstep(torch.add(G, D, alpha=rho).sub_(V), rho)  # §2.1
         c = torch.add(B, V, alpha=1.0 / rho).sub_(Os).mul_(inv).round_().clamp_(0, qmax)  # §2.2: nearest grid point
         D = torch.addcmul(Os, As, c)
         V.add_(B, alpha=rho).sub_(D, alpha=rho)  # §2.3
@@ -126,7 +162,7 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
                    check: int = 3, t_min: int = 30, schedule: str = "alps", precondition: bool = True,
                    local_search_sweeps: int = 3, local_search: bool = True, init: str = "rtn", safety_net: bool = False,
                    clip_search: bool = False, act_order: bool = False, static_groups: bool = False, trace: bool = False,
-                   refit: bool = False, **_) -> QuantResult:
+                   refit: bool = False, solver: str = "cholesky", **_) -> QuantResult:
     if H is None:
         raise UserError("ADMM-Q needs calibration activations", "run it through the calibrated pipeline")
     if act_order:
@@ -137,7 +173,8 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
     t0 = time.time()
     m, n = W.shape
     W_hat, Hd = prepare_hessian(W, H, damp)
-    d, Ht, lam, U = _factor(H, Hd, damp, precondition)
+    d, Ht, cache = _factor(H, Hd, damp, precondition)
+    wstep = WStep(Ht, m, solver, cache)
     weight = torch.diagonal(Hd).clone() if clip_search else None
     params = grid.fit(W_hat, clip_search=clip_search, weight=weight)  # A1: the grid is fixed first
     A, O = grid.column_affine(params, n)
@@ -155,7 +192,7 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
         raise UserError(f"unknown ADMM-Q initialisation {init!r}", "use rtn or gptq")
     Bhat = d[:, None] * W_hat.T
     D0 = As * init_codes.T + Os
-    codes_t, st = admm(Bhat, Ht, lam, U, As, Os, grid.qmax, D0, rho0, iters, check, t_min, schedule, trace)
+    codes_t, st = admm(Bhat, Ht, wstep, As, Os, grid.qmax, D0, rho0, iters, check, t_min, schedule, trace)
     codes = codes_t.T.contiguous()
     st["f_init"] = f_codes(init_codes)
     st["f_admm"] = f_codes(codes)
