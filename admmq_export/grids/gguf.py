@@ -81,6 +81,16 @@ class SymBlockGrid(_OffsetDequant, GGUFGrid):
         d = params["d"].float()
         return d, -self.offset * d
 
+    def refit_form(self):
+        return "scale"
+
+    @property
+    def code_offset(self):
+        return self.offset
+
+    def store_affine(self, a, b):
+        return {"d": _f16(a).unsqueeze(-1)}
+
 
 @dataclass(frozen=True)
 class MinBlockGrid(GGUFGrid):
@@ -92,6 +102,12 @@ class MinBlockGrid(GGUFGrid):
 
     def affine_units(self, params):
         return params["d"].float(), params["m"].float()
+
+    def refit_form(self):
+        return "affine"
+
+    def store_affine(self, a, b):
+        return {"d": _f16(a).unsqueeze(-1), "m": _f16(b).unsqueeze(-1)}
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,22 @@ class IntGrid(Grid):
         s = params["scale"].float()
         return s, -s * params["zero"].float()
 
+    def refit_form(self):
+        return "scale" if self.sym else "affine"
+
+    @property
+    def code_offset(self):
+        return (self.qmax + 1) // 2
+
+    def store_affine(self, a, b):
+        scale = a.clamp_min(1e-8).to(self.scale_dtype)
+        scale = torch.where(scale == 0, torch.full_like(scale, 2**-24), scale)
+        if self.sym:
+            zero = torch.full_like(a, self.code_offset)
+        else:
+            zero = torch.round(-b / scale.double()).clamp(0, self.qmax)
+        return {"scale": scale.unsqueeze(-1), "zero": zero.to(torch.uint8).unsqueeze(-1)}
+
 
 @dataclass(frozen=True)
 class GptqGrid(IntGrid):
