@@ -15,6 +15,9 @@ RESULTS = ROOT / "bench" / "results"  # committed: one markdown section + one JS
 PLOTS = ROOT / "bench" / "plots"  # committed: PNG plots referenced from BENCHMARKS.md
 WIKI = "wikitext2-test.txt"
 C4_VAL = "c4-validation-2k.parquet"
+# calibration windows of the suites that follow the issues' protocol (128 x 512 C4 tokens, seed 0);
+# BENCH_NSAMPLES=N makes a cheaper run (the section text records what was used)
+CALIB_NSAMPLES = int(os.environ.get("BENCH_NSAMPLES", "128"))
 
 
 def shared_data(name: str) -> str:

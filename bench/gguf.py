@@ -3,18 +3,22 @@ llama-quantize with and without an importance matrix (llama-imatrix on the same 
 file's perplexity and KL divergence measured BY llama.cpp (llama-perplexity, ctx 512, same chunks)."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
-from .common import OUT, WIKI, export, machine, md_table, ppl_plot, save_section, shared_data
+from .common import CALIB_NSAMPLES, OUT, RESULTS, WIKI, export, machine, md_table, ppl_plot, save_section, shared_data
 from .llamacpp_tools import binary
 
 # (model, presets): SmolLM2 at the presets of the issue-9 target and Q4_0; Gemma-3 at Q4_K_M (CPU budget)
 MODELS = [("smollm2", ["q4_k_m", "q3_k_m", "q2_k", "q4_0"]), ("gemma3-270m", ["q4_k_m"])]
 TARGET_PRESETS = ("q4_k_m", "q3_k_m", "q2_k")
-METHODS = ["rtn", "gptq", "admmq"]
+# our methods and their options: ADMM-Q with the diag(H)-weighted clipping search for the grid (the imatrix's role in
+# llama.cpp's scale search); GPTQ as the reference runs it
+METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search"]}
 
 
 def _tool(name: str) -> str:
@@ -83,22 +87,23 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
             rows.append({"model": model, "file": f"llama.cpp {preset.upper()}{' + imatrix' if imatrix else ''}",
                          "preset": preset, "seconds": time.time() - ts, "MiB": out.stat().st_size / 2**20,
                          **perplexity(out, chunks, kld_base=base)})
-        for method in METHODS:
+        for method, opts in METHODS.items():
             out = d / f"ours-{method}-{preset}.gguf"
-            rep = export(model, f"gguf:{preset}", out, "--method", method, *calib)
+            rep = export(model, f"gguf:{preset}", out, "--method", method, *opts, *calib)
             rows.append({"model": model, "file": f"admmq-export {method.upper()} {preset.upper()}", "preset": preset,
-                         "seconds": rep["wall_seconds"], "MiB": out.stat().st_size / 2**20,
+                         "options": " ".join(opts), "seconds": rep["wall_seconds"], "MiB": out.stat().st_size / 2**20,
                          **perplexity(out, chunks, kld_base=base)})
     ref_ppl = rows[0]["ppl"]
     for r in rows:
         r["excess"] = r["ppl"] - ref_ppl
+        r["calib"] = f"{nsamples} x {seqlen}"
     summary = []
     for preset in presets:
         im = next(r for r in rows if r.get("preset") == preset and "imatrix" in r["file"])
         for method in METHODS:
             ours = next(r for r in rows if r.get("preset") == preset and r["file"].endswith(f"{method.upper()} {preset.upper()}"))
             removed = 1 - ours["excess"] / im["excess"] if im["excess"] > 0 else float("nan")
-            summary.append({"model": model, "preset": preset.upper(), "method": method, "ppl": ours["ppl"],
+            summary.append({"model": model, "preset": preset.upper(), "method": method, "calib": f"{nsamples} x {seqlen}", "ppl": ours["ppl"],
                             "imatrix_ppl": im["ppl"], "share_of_imatrix_excess_removed": removed,
                             "target_met(≥0.5)": removed >= 0.5 if preset in TARGET_PRESETS else "-"})
     return rows, summary
@@ -106,31 +111,46 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
 
 def run(quick: bool = False) -> None:
     chunks = 8 if quick else 16
-    nsamples, seqlen = 8, 512  # 128 x 512 costs ~1 h per calibrated export on 2 cores
+    nsamples, seqlen = (8 if quick else CALIB_NSAMPLES), 512
     models = [(MODELS[0][0], MODELS[0][1][:1])] if quick else MODELS
+    only = os.environ.get("BENCH_GGUF_ONLY")  # e.g. "smollm2:q4_k_m+q2_k": rerun these; the rest keep their recorded rows
+    if only:
+        pick = dict((x.split(":") + [""])[:2] for x in only.split(","))
+        models = [(m, [q for q in p if not pick[m] or q in pick[m].split("+")]) for m, p in models if m in pick]
+    prev = json.loads((RESULTS / "gguf.json").read_text()) if only and (RESULTS / "gguf.json").is_file() else {}
     t = time.time()
     rows, summary = [], []
     for model, presets in models:  # the section is rewritten after each model: a later failure keeps earlier rows
         r, s = one_model(model, presets, chunks, nsamples, seqlen)
         rows += r
         summary += s
-        _save(rows, summary, quick, chunks, nsamples, seqlen, t)
+        done = {(m, q.upper()) for m, ps in models for q in ps} | {(m, None) for m, _ in models}
+
+        def kept(r):
+            return (r["model"], (r.get("preset") or "").upper() or None) not in done
+
+        old = [{"machine_cpu": prev.get("machine", {}).get("cpu", "?"), **r} for r in prev.get("rows", []) if kept(r)]
+        note = (f" Rows not rerun this time ({len(old)}) are kept from an earlier run of this suite on "
+                f"{', '.join(sorted({r['machine_cpu'] for r in old}))}, with the calibration in their `calib` column "
+                "and the ADMM-Q options in their `options` column (blank: none)." if old else "")
+        _save(rows + old, summary + [r for r in prev.get("summary", []) if kept(r)], quick, chunks, t, note)
 
 
-def _save(rows, summary, quick, chunks, nsamples, seqlen, t) -> None:
+def _save(rows, summary, quick, chunks, t, note="") -> None:
     _plot([r for r in rows if r["model"] == "smollm2"])
     md = [f"## GGUF vs llama.cpp's quantizer (`python -m bench --suite gguf{' --quick' if quick else ''}`)", "",
           f"SmolLM2-135M and Gemma-3-270M. Every perplexity and KLD is computed by llama.cpp's `llama-perplexity` (ctx 512, "
           f"first {chunks} chunks of WikiText-2 test, KLD against the model's f32 file's logits). Calibration for us and "
-          f"for `llama-imatrix`: the same {nsamples} x {seqlen} C4 tokens (seed 0; the issue's 128 x 512 costs ~1 h per "
-          "calibrated export on this 2-core CPU). Our files are written from the IR (codes packed, never re-rounded); "
+          "for `llama-imatrix`: the same C4 windows (seed 0; `calib` = samples x tokens). Ours: RTN; GPTQ (reference "
+          "settings); ADMM-Q with the CLI options in `options` (`--clip-search`: group parameters from a diag(H)-weighted "
+          f"clipping search, the role the imatrix plays in llama.cpp's scale search).{note} Our files are written from the IR (codes packed, never re-rounded); "
           "llama.cpp's from the f32 GGUF we wrote, with `llama-quantize [--imatrix]`. `seconds`: llama-quantize, or our "
           "whole export (model load, calibration forward passes, quantizer, packing). "
           "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets here reproduces.", "",
-          md_table(rows, ["model", "file", "MiB", "ppl", "excess", "kld", "seconds"]), "",
+          md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "seconds"]), "",
           "Target (issue 9): at Q4_K_M, Q3_K_M and Q2_K, ADMM-Q removes at least half of the imatrix file's perplexity "
           "excess over f32 (share ≥ 0.5; negative: worse than the imatrix file).", "",
-          md_table(summary, ["model", "preset", "method", "ppl", "imatrix_ppl", "share_of_imatrix_excess_removed",
+          md_table(summary, ["model", "calib", "preset", "method", "ppl", "imatrix_ppl", "share_of_imatrix_excess_removed",
                              "target_met(≥0.5)"]),
           "", "![ppl vs size](bench/plots/gguf_ppl.png)", "", f"Total {time.time() - t:.0f} s. Machine: {machine()}"]
     save_section("gguf", "\n".join(md), {"rows": rows, "summary": summary, "machine": machine()})
