@@ -118,22 +118,26 @@ def run(quick: bool = False) -> None:
         pick = dict((x.split(":") + [""])[:2] for x in only.split(","))
         models = [(m, [q for q in p if not pick[m] or q in pick[m].split("+")]) for m, p in models if m in pick]
     prev = json.loads((RESULTS / "gguf.json").read_text()) if only and (RESULTS / "gguf.json").is_file() else {}
+    done = {(m, q.upper()) for m, ps in models for q in ps} | {(m, None) for m, _ in models}
+
+    def kept(r):
+        return (r["model"], (r.get("preset") or "").upper() or None) not in done
+
+    old = [{"machine_cpu": prev.get("machine", {}).get("cpu", "?"), **r} for r in prev.get("rows", []) if kept(r)]
+    old_summary = [r for r in prev.get("summary", []) if kept(r)]
+    knobs = " ".join(f"{k}={os.environ[k]}" for k in ("BENCH_NSAMPLES", "BENCH_GGUF_ONLY", "BENCH_REUSE") if k in os.environ)
+    note = f" This run: `{knobs + ' ' if knobs else ''}python -m bench --suite gguf{' --quick' if quick else ''}`."
+    if old:
+        note += (f" Rows not rerun this time ({len(old)}) are kept from an earlier run of this suite on "
+                 f"{', '.join(sorted({r['machine_cpu'] for r in old}))}, with the calibration in their `calib` column "
+                 "and the ADMM-Q options in their `options` column (blank: none).")
     t = time.time()
     rows, summary = [], []
     for model, presets in models:  # the section is rewritten after each model: a later failure keeps earlier rows
         r, s = one_model(model, presets, chunks, nsamples, seqlen)
         rows += r
         summary += s
-        done = {(m, q.upper()) for m, ps in models for q in ps} | {(m, None) for m, _ in models}
-
-        def kept(r):
-            return (r["model"], (r.get("preset") or "").upper() or None) not in done
-
-        old = [{"machine_cpu": prev.get("machine", {}).get("cpu", "?"), **r} for r in prev.get("rows", []) if kept(r)]
-        note = (f" Rows not rerun this time ({len(old)}) are kept from an earlier run of this suite on "
-                f"{', '.join(sorted({r['machine_cpu'] for r in old}))}, with the calibration in their `calib` column "
-                "and the ADMM-Q options in their `options` column (blank: none)." if old else "")
-        _save(rows + old, summary + [r for r in prev.get("summary", []) if kept(r)], quick, chunks, t, note)
+        _save(rows + old, summary + old_summary, quick, chunks, t, note)
 
 
 def _save(rows, summary, quick, chunks, t, note="") -> None:

@@ -44,7 +44,7 @@ class IntGrid(Grid):
         scale = ((xmax - xmin) / self.qmax).to(self.scale_dtype)
         scale = torch.where(scale == 0, torch.full_like(scale, 2**-24), scale)  # fp16 subnormal floor
         if self.sym:
-            zero = torch.full_like(xmin, (self.qmax + 1) // 2)
+            zero = torch.full_like(xmin, self.code_offset)
         else:
             zero = torch.round(-xmin / scale.float()).clamp(0, self.qmax)
         return {"scale": scale.unsqueeze(-1), "zero": zero.to(torch.uint8).unsqueeze(-1)}
