@@ -5,18 +5,20 @@
 * Preconditioning (§3): dead inputs, damping 0.01·mean(diag H), Jacobi scaling d = sqrt(diag H) so H̃ has a unit
   diagonal, cached per distinct H (q/k/v and gate/up share theirs). `precondition=False` (ablation) scales by one
   scalar instead, so ρ keeps its meaning on average.
-* Splitting (§2), all rows at once in the scaled coordinates B = diag(d)·Wᵀ:
-  W-step B = (H̃ + ρI)⁻¹(G − V + ρD), G = H̃·B̂. `solver="cholesky"` (default; §2.1's alternative): one Cholesky
-  of H̃ + ρI per distinct ρ, then M_ρ = its inverse (one GEMM per iteration) when m > n/3, else two triangular
-  solves. `solver="eigh"` (§3 step 4, the ALPS form): H̃ = U·diag(λ)·Uᵀ once in fp64 (kept fp32), M_ρ =
-  U·diag(1/(λ+ρ))·Uᵀ or U·(Uᵀ·R/(λ+ρ)). Same iterates up to fp32 rounding; the Cholesky form skips the fp64
-  eigendecomposition, which dominated ADMM-Q's time on wide layers.
-  ρ changes at most once per check (3 iterations), so the factor is refreshed at most that often.
+* Splitting (§2), all rows at once in the scaled coordinates B = W·diag(d) (rows of W as rows, so no transposes):
+  W-step B = (G − V + ρD)·(H̃ + ρI)⁻¹, G = B̂·H̃. `solver="cholesky"` (default; §2.1's alternative): one Cholesky
+  of H̃ + ρI per distinct ρ, then either M_ρ = its inverse (one GEMM per iteration) or two triangular solves per
+  iteration, whichever is cheaper for the shape and device (WStep). `solver="eigh"` (§3 step 4, the ALPS form):
+  H̃ = U·diag(λ)·Uᵀ once in fp64 (kept fp32), M_ρ = U·diag(1/(λ+ρ))·Uᵀ or (R·U/(λ+ρ))·Uᵀ. Same iterates up to
+  fp32 rounding; the Cholesky form skips the fp64 eigendecomposition, which dominated ADMM-Q's time on wide layers.
+  ρ changes at most once per check (3 iterations), so the factor is refreshed at most that often; the factors are
+  kept per Hessian (up to FACTOR_CACHE_BYTES), so layers sharing H (q/k/v, gate/up) reuse those of the ρ values
+  their schedules have in common.
   D-step D = Π(B + V/ρ), the exact nearest grid point of every entry for its fixed (a, b);
   dual V += ρ(B − D).
 * Penalty schedule (§2.4, ALPS): every 3 iterations, s = codes changed since the last check:
   s/k > 0.1 → ρ·1.3; > 0.005 → ρ·1.2; s ≥ 1 → ρ·1.1 once grown, else ρ/5 and restart; s = 0 → stop once grown,
-  else ρ/5. Cap 1e6. Stop at t ≥ 30 with s/k < 3e−4, or max_iter. `schedule="fixed"` (ablation): ρ·1.1 every
+  else ρ/5. Cap 1e6. Stop after t ≥ 30 iterations with s/k < 3e−4 (admmq-reference.md §4), or max_iter. `schedule="fixed"` (ablation): ρ·1.1 every
   check, the §10 prototype.
 * Output (§2.6): the lower-objective of Π(B) and D; then local search (§4, exact cyclic CD, quantizers/local_search).
 * Initialisation (§5): RTN on the fixed grid (default) or GPTQ with static groups (same grid). The result is never
@@ -41,7 +43,8 @@ from .refit import refit as refit_params
 
 RHO_MAX = 1e6
 SOLVERS = ("cholesky", "eigh")
-_FACTORS: dict[tuple, tuple] = {}  # id(H), damp, precondition, device -> (weakref(H), d, Ht, {"eigh": (lam, U)})
+FACTOR_CACHE_BYTES = 256 << 20  # per Hessian: factors of H̃ + ρI kept for the layers that share it (q/k/v, gate/up)
+_FACTORS: dict[tuple, tuple] = {}  # id(H), damp, precondition, device -> (weakref(H), d, Ht, cache of factors)
 
 
 def _factor(H: torch.Tensor, Hd: torch.Tensor, damp: float, precondition: bool):
@@ -61,15 +64,21 @@ def _factor(H: torch.Tensor, Hd: torch.Tensor, damp: float, precondition: bool):
 
 
 class WStep:
-    """B = (H̃ + ρI)⁻¹·R for the current ρ; the ρ-dependent factor is rebuilt only when ρ changes."""
+    """B = R·(H̃ + ρI)⁻¹ for the current ρ, R and B [m, n] (rows of W; H̃ is symmetric). The ρ-dependent factor is
+    rebuilt only when ρ changes."""
 
     def __init__(self, Ht: torch.Tensor, m: int, solver: str = "cholesky", cache: dict | None = None):
         if solver not in SOLVERS:
             raise UserError(f"unknown ADMM-Q W-step solver {solver!r}", f"use one of {', '.join(SOLVERS)}")
         self.Ht, self.solver, self.rho = Ht, solver, None
-        self.dense = 3 * m > Ht.shape[0]  # one GEMM per iteration with a dense M_ρ, else a factored solve
+        n = Ht.shape[0]
+        # Dense M_ρ (an inverse per ρ, then one GEMM per iteration) or a factored solve (a Cholesky per ρ, then two
+        # triangular solves on the row-major R, nearly GEMM speed on CPU BLAS): whichever costs less per check of
+        # 3 iterations. Measured on 2 EPYC cores, the inverse pays off only for m >= n; on CUDA triangular solves
+        # are slow next to GEMMs, so the dense form wins from m > n/3.
+        self.dense = 3 * m > n if Ht.is_cuda else m >= n
+        self.cache = cache = {} if cache is None else cache
         if solver == "eigh":
-            cache = {} if cache is None else cache
             if "eigh" not in cache:
                 lam, U = torch.linalg.eigh(Ht.double())
                 cache["eigh"] = (lam.float(), U.float())
@@ -80,22 +89,30 @@ class WStep:
         if self.solver == "eigh":
             self.M = (self.U / (self.lam + rho)) @ self.U.T if self.dense else None
             return
-        A = self.Ht.clone()
-        A.diagonal().add_(rho)
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info):  # not positive definite in fp32 (tiny ρ, near-singular H̃): factor in fp64
-            L = torch.linalg.cholesky(A.double()).float()
-        self.L = L
-        self.M = torch.cholesky_inverse(L) if self.dense else None
+        key = ("cholesky", rho, self.dense)
+        hit = self.cache.get(key)
+        if hit is None:
+            A = self.Ht.clone()
+            A.diagonal().add_(rho)
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info):  # not positive definite in fp32 (tiny ρ, near-singular H̃): factor in fp64
+                L = torch.linalg.cholesky(A.double()).float()
+            hit = (L, torch.cholesky_inverse(L) if self.dense else None)
+            size = sum(t.numel() * t.element_size() for t in hit if t is not None)
+            if self.cache.get("bytes", 0) + size <= FACTOR_CACHE_BYTES:
+                self.cache[key] = hit
+                self.cache["bytes"] = self.cache.get("bytes", 0) + size
+        self.L, self.M = hit
 
     def __call__(self, R: torch.Tensor, rho: float) -> torch.Tensor:
         if rho != self.rho:
             self._refresh(rho)
         if self.M is not None:
-            return self.M @ R
+            return R @ self.M
         if self.solver == "eigh":
-            return self.U @ ((self.U.T @ R).div_((self.lam + rho)[:, None]))
-        return torch.cholesky_solve(R, self.L)
+            return ((R @ self.U).div_(self.lam + rho)) @ self.U.T
+        Y = torch.linalg.solve_triangular(self.L.T, R, upper=True, left=False)  # Y·Lᵀ = R
+        return torch.linalg.solve_triangular(self.L, Y, upper=False, left=False)  # B·L = Y
 
 
 def _objective(A, O, c, W_hat, Hd) -> float:
@@ -106,22 +123,25 @@ def _objective(A, O, c, W_hat, Hd) -> float:
 
 def admm(Bhat, Ht, wstep, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_min=30, schedule="alps",
          trace=False):
-    """The ADMM iterations of §2 in scaled coordinates; `wstep` solves (H̃ + ρI)·B = R. Returns (codes [n, m], stats)."""
-    n, m = Bhat.shape
+    """The ADMM iterations of §2 in scaled coordinates, rows of W as rows: Bhat, As, Os, D0 [m, n]; `wstep` solves
+    B·(H̃ + ρI) = R. Returns (codes [m, n], stats)."""
     proj = lambda Y: As * nearest_codes(Y, As, Os, qmax) + Os  # noqa: E731
     inv = torch.where(As == 0, torch.zeros_like(As), 1.0 / torch.where(As == 0, torch.ones_like(As), As))
-    G = Ht @ Bhat
-    B, D, V = Bhat.clone(), D0.clone(), torch.zeros_like(Bhat)
+    neg_off = -(Os * inv)  # code of Y is round(Y·inv − Os·inv)
+    G = Bhat @ Ht
+    D, U = D0.clone(), torch.zeros_like(Bhat)  # U = V/ρ, the scaled dual (same iterates, fewer passes)
+    B = Bhat
     rho, grown = rho0, False
     c_prev = nearest_codes(D, As, Os, qmax)
-    fs = lambda Z: 0.5 * float(((Z - Bhat) * (Ht @ (Z - Bhat))).double().sum())  # noqa: E731
+    fs = lambda Z: 0.5 * float(((Z - Bhat) * ((Z - Bhat) @ Ht)).double().sum())  # noqa: E731
     tr = []
     t = 0
     for t in range(max_iter):
-        B = wstep(torch.add(G, D, alpha=rho).sub_(V), rho)  # §2.1
-        c = torch.add(B, V, alpha=1.0 / rho).sub_(Os).mul_(inv).round_().clamp_(0, qmax)  # §2.2: nearest grid point
+        B = wstep(torch.add(G, torch.sub(D, U), alpha=rho), rho)  # §2.1: R = G − V + ρD
+        T = B.add_(U)  # B + V/ρ (B is not needed again: B = T − U)
+        c = torch.addcmul(neg_off, T, inv).round_().clamp_(0, qmax)  # §2.2: nearest grid point
         D = torch.addcmul(Os, As, c)
-        V.add_(B, alpha=rho).sub_(D, alpha=rho)  # §2.3
+        U_old, U = U, torch.sub(T, D)  # §2.3: V + ρ(B − D) = ρ(T − D)
         if (t + 1) % check:
             continue
         s = int((c != c_prev).sum())
@@ -129,7 +149,8 @@ def admm(Bhat, Ht, wstep, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_m
         c_prev = c
         if trace:
             tr.append({"iter": t + 1, "rho": rho, "changed": frac, "objective": fs(D),
-                       "primal": float((B - D).norm() / Bhat.norm().clamp_min(1e-30))})
+                       "primal": float((T - U_old - D).norm() / Bhat.norm().clamp_min(1e-30))})
+        rho_old = rho
         stop = False
         if schedule == "fixed":
             rho *= 1.1
@@ -142,19 +163,27 @@ def admm(Bhat, Ht, wstep, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_m
                 rho *= 1.1
             else:
                 rho /= 5
-                B, D, V = Bhat.clone(), D0.clone(), torch.zeros_like(V)
+                D, U = D0.clone(), torch.zeros_like(U)
+                B, U_old = Bhat, U
                 c_prev = nearest_codes(D, As, Os, qmax)
         elif grown:
             stop = True
         else:
             rho /= 5
         rho = min(rho, RHO_MAX)
-        if stop or (t >= t_min and frac < 3e-4):
+        if stop or (t + 1 >= t_min and frac < 3e-4):  # admmq-reference.md §4: after t + 1 iterations
             break
-    cand = [(fs(proj(B)), "proj_B", proj(B)), (fs(D), "D", D)]
-    f, which, Z = min(cand, key=lambda x: x[0])
+        if rho != rho_old:
+            U.mul_(rho_old / rho)  # V is kept; U = V/ρ follows ρ
+    if B is not Bhat:
+        B = T.sub_(U_old)
+    PB = proj(B)
+    if torch.equal(PB, D):  # the usual case at convergence: nothing to choose, no objective evaluation
+        f, which, Z = None, "D", D
+    else:
+        f, which, Z = min([(fs(PB), "proj_B", PB), (fs(D), "D", D)], key=lambda x: x[0])
     return nearest_codes(Z, As, Os, qmax), {"admm_iters": t + 1, "rho_final": rho, "final_iterate": which,
-                                      "admm_f_scaled": f, "trace": tr}
+                                         "admm_f_scaled": f, "trace": tr}
 
 
 @register("admmq")
@@ -179,7 +208,7 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
     params = grid.fit(W_hat, clip_search=clip_search, weight=weight)  # A1: the grid is fixed first
     A, O = grid.column_affine(params, n)
     A, O = A.to(W_hat.device), O.to(W_hat.device)
-    As, Os = d[:, None] * A.T, d[:, None] * O.T
+    As, Os = A * d[None, :], O * d[None, :]
 
     def f_codes(c):  # the true (damped) objective of codes [m, n] on the current grid
         return _objective(A, O, c, W_hat, Hd)
@@ -190,17 +219,18 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
         init_codes = nearest_codes(W_hat, A, O, grid.qmax)
     else:
         raise UserError(f"unknown ADMM-Q initialisation {init!r}", "use rtn or gptq")
-    Bhat = d[:, None] * W_hat.T
-    D0 = As * init_codes.T + Os
-    codes_t, st = admm(Bhat, Ht, wstep, As, Os, grid.qmax, D0, rho0, iters, check, t_min, schedule, trace)
-    codes = codes_t.T.contiguous()
+    Bhat = W_hat * d[None, :]
+    D0 = As * init_codes + Os
+    codes, st = admm(Bhat, Ht, wstep, As, Os, grid.qmax, D0, rho0, iters, check, t_min, schedule, trace)
     st["f_init"] = f_codes(init_codes)
-    st["f_admm"] = f_codes(codes)
     st["admm_seconds"] = time.time() - t0
-    if local_search:
+    if local_search:  # it evaluates the objective before and after (same A, O, Ŵ, H), so no extra GEMMs here
         codes_u8, ls = polish(codes, A, O, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
         codes = codes_u8.float()
         st.update(ls)
+        st["f_admm"], f_cur = ls["ls_f_before"], ls["ls_f_after"]
+    else:
+        st["f_admm"] = f_cur = f_codes(codes)
     params0 = params
     if refit and can_refit(grid, params):  # §6 grid refresh: refit scales/zeros for the codes, re-project, polish
         new = refit_params(grid, codes, W_hat, Hd)
@@ -209,9 +239,9 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
         c2, _ = polish(c2, A2, O2, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
         f2 = _objective(A2, O2, c2, W_hat, Hd)
         st["f_refit"] = f2
-        if f2 < f_codes(codes):
-            codes, params, A, O = c2.float(), new, A2, O2
-    best, g_idx, st["f_final"], st["chosen"] = codes, None, f_codes(codes), "admm"
+        if f2 < f_cur:
+            codes, params, A, O, f_cur = c2.float(), new, A2, O2, f2
+    best, g_idx, st["f_final"], st["chosen"] = codes, None, f_cur, "admm"
     if st["f_init"] < st["f_final"]:
         best, params, st["f_final"], st["chosen"] = init_codes, params0, st["f_init"], f"init_{init}"
     if safety_net:
