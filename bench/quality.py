@@ -5,11 +5,13 @@ GPTQ exporter and measured through our GPTQ checkpoint loader. Plus a ppl-vs-bit
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
 
-from .common import (C4_VAL, CALIB_NSAMPLES, OUT, ROOT, WIKI, evaluate, export, machine, md_table, ppl_plot,
+from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, ROOT, WIKI, evaluate, export, machine, md_table, ppl_plot,
                      save_section, shared_data)
 
 MODEL = "smollm2"
@@ -43,20 +45,25 @@ def run(quick: bool = False) -> None:
     # BENCH_NSAMPLES (default 128) x 512; 128 x 512 costs ~20 min of calibration passes per export on 2 cores
     nsamples, seqlen = (8, 256) if quick else (CALIB_NSAMPLES, 512)
     ar_iters = 20 if quick else 50
-    grids = GRIDS[1:2] if quick else GRIDS
+    grids = GRIDS[2:] if quick else GRIDS
+    kept = []
+    only = os.environ.get("BENCH_QUALITY_ONLY")  # e.g. "W3 g64 sym": rerun these grids, keep the other recorded rows
+    if only and not quick:
+        grids = [g for g in grids if _gname(*g) in only.split(",")]
+        kept = _kept_rows({_gname(*g) for g in grids})
     calib = ["--nsamples", str(nsamples), "--seqlen", str(seqlen)]
     base = _evals(MODEL, wl, wc, None)
     rows = [{"grid": "-", "method": "original", "wiki_file": base["wiki"], "c4_file": base["c4"]}]
     t0 = time.time()
     for bits, group, sym in grids:
-        gname = f"W{bits} g{group} {'sym' if sym else 'asym'}"
+        gname = _gname(bits, group, sym)
         for method in METHODS:
             out = OUT / "quality" / f"smollm2-{method}-w{bits}g{group}{'s' if sym else 'a'}.onnx"
             rep = export(MODEL, "onnx", out, "--method", method, "--bits", str(bits), "--group-size", str(group),
                          "--sym" if sym else "--asym", *calib)
             f = _evals(str(out), wl, wc, MODEL)
             ir = {"wiki": evaluate(f"{out}.ir", WIKI, "llamacpp", wl)["ppl"]}
-            rows.append({"grid": gname, "method": method, "wiki_file": f["wiki"], "wiki_ir": ir["wiki"], "c4_file": f["c4"],
+            rows.append({"grid": gname, "method": method, "calib": f"{nsamples} x {seqlen}", "wiki_file": f["wiki"], "wiki_ir": ir["wiki"], "c4_file": f["c4"],
                          "kld": f["kld"], "quant_s": sum(s["seconds"] for s in rep["stats"].values()),
                          "s/tensor": sum(s["seconds"] for s in rep["stats"].values()) / len(rep["stats"]),
                          "export_s": rep["wall_seconds"], "peak_rss_mib": rep["report"]["peak_rss_mib"]})
@@ -68,18 +75,20 @@ def run(quick: bool = False) -> None:
             rows.append({"grid": gname, "method": f"autoround (not measured: {ar['error']})"})
         else:
             f = _evals(str(out), wl, wc, MODEL)
-            rows.append({"grid": gname, "method": f"autoround iters={ar_iters}", "wiki_file": f["wiki"], "c4_file": f["c4"],
+            rows.append({"grid": gname, "method": f"autoround iters={ar_iters}", "calib": f"{nsamples} x {seqlen}", "wiki_file": f["wiki"], "c4_file": f["c4"],
                          "kld": f["kld"], "quant_s": ar["seconds"], "peak_rss_mib": ar["peak_rss_mib"]})
+    rows += kept
+    rows.sort(key=lambda r: [_gname(*g) for g in GRIDS].index(r["grid"]) if r["grid"] != "-" else -1)
     targets = []
-    for bits, group, sym in grids:
-        gname = f"W{bits} g{group} {'sym' if sym else 'asym'}"
+    for gname in dict.fromkeys(r["grid"] for r in rows if r["grid"] != "-"):
         g = next(r for r in rows if r["grid"] == gname and r["method"] == "gptq")
         a = next(r for r in rows if r["grid"] == gname and r["method"] == "admmq")
         removed = 1 - (a["wiki_file"] - base["wiki"]) / (g["wiki_file"] - base["wiki"])
-        targets.append({"grid": gname, "gptq": g["wiki_file"], "admmq": a["wiki_file"], "share_of_gptq_excess_removed": removed,
+        targets.append({"grid": gname, "calib": g.get("calib"), "gptq": g["wiki_file"], "admmq": a["wiki_file"], "share_of_gptq_excess_removed": removed,
                         "time_ratio_admmq/gptq": a["quant_s"] / g["quant_s"], "target_met(≥0.4)": removed >= 0.4})
     _plot(rows)
-    env = f"BENCH_NSAMPLES={nsamples} " if not quick and nsamples != 128 else ""
+    env = "".join(f"{k}={os.environ[k]!r} " if " " in os.environ[k] else f"{k}={os.environ[k]} "
+                  for k in ("BENCH_NSAMPLES", "BENCH_QUALITY_ONLY", "BENCH_REUSE") if k in os.environ and not quick)
     md = [f"## Quality: RTN / GPTQ / ADMM-Q / AutoRound on the same grids (`{env}python -m bench --suite quality{' --quick' if quick else ''}`)", "",
           f"SmolLM2-135M, calibration {nsamples} x {seqlen} C4 tokens (seed 0; the same windows for AutoRound). Perplexity on "
           f"the first {wl} WikiText-2 and {wc} C4-validation chunks of 512 tokens (llama.cpp protocol). `_file`: our ONNX "
@@ -89,15 +98,40 @@ def run(quick: bool = False) -> None:
           "Hessians from the already-quantized previous layers). AutoRound runs on CPU with "
           f"iters={ar_iters}, batch 4 (its default 200 iters x 128 samples does not fit this 2-core machine's budget) "
           "and is exported with its own `auto_gptq` exporter.", "",
-          md_table(rows, ["grid", "method", "wiki_file", "wiki_ir", "c4_file", "kld", "quant_s", "s/tensor", "export_s",
+          *_kept_note(kept),
+          md_table(rows, ["grid", "method", "calib", "wiki_file", "wiki_ir", "c4_file", "kld", "quant_s", "s/tensor", "export_s",
                          "peak_rss_mib"]), "",
           "`quant_s`: the quantizer's own time summed over the 210 quantized tensors (`s/tensor` its mean); `export_s`: the "
           "whole export (model load, calibration forward passes, quantizer, ONNX writing); `peak_rss_mib`: the export "
           "process's peak resident memory.", "",
           "Issue 3 target: ADMM-Q removes ≥ 40% of GPTQ's perplexity excess over the original (same grid, same calibration).", "",
-          md_table(targets, ["grid", "gptq", "admmq", "share_of_gptq_excess_removed", "time_ratio_admmq/gptq", "target_met(≥0.4)"]),
+          md_table(targets, ["grid", "calib", "gptq", "admmq", "share_of_gptq_excess_removed", "time_ratio_admmq/gptq", "target_met(≥0.4)"]),
           "", "![ppl vs bits](bench/plots/quality_ppl_bits.png)", "", f"Total {time.time() - t0:.0f} s. Machine: {machine()}"]
     save_section("quality", "\n".join(md), {"rows": rows, "targets": targets, "machine": machine()})
+
+
+def _gname(bits: int, group: int, sym: bool) -> str:
+    return f"W{bits} g{group} {'sym' if sym else 'asym'}"
+
+
+def _kept_rows(rerun: set[str]) -> list[dict]:
+    """The recorded rows of the grids not rerun, marked with their calibration and machine (BENCH_QUALITY_ONLY)."""
+    f = RESULTS / "quality.json"
+    if not f.is_file():
+        return []
+    prev = json.loads(f.read_text())
+    m = re.search(r"calibration (\d+ x \d+)", (RESULTS / "quality.md").read_text()) if (RESULTS / "quality.md").is_file() else None
+    cpu = prev.get("machine", {}).get("cpu", "?")
+    return [{"calib": m.group(1) if m else "?", **r, "kept_from": cpu} for r in prev.get("rows", [])
+            if r["grid"] != "-" and r["grid"] not in rerun]
+
+
+def _kept_note(kept: list[dict]) -> list[str]:
+    if not kept:
+        return []
+    grids = ", ".join(dict.fromkeys(r["grid"] for r in kept))
+    return [f"Rows of {grids} are kept from an earlier run of this suite (column `calib`; machine "
+            f"{kept[0]['kept_from']}; `BENCH_QUALITY_ONLY` reran the others); the original model's row is re-measured.", ""]
 
 
 def _bpw(grid: str) -> float:
