@@ -94,6 +94,23 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def recorded(name: str) -> dict:
+    """The JSON a suite saved last time (empty if none): the source of the rows a partial rerun keeps."""
+    f = RESULTS / f"{name}.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def mark_kept(rows: list[dict], prev: dict) -> list[dict]:
+    """Rows kept from a recorded run, each marked with the CPU it was measured on (a mark it already has wins)."""
+    return [{"machine_cpu": prev.get("machine", {}).get("cpu", "?"), **r} for r in rows]
+
+
+def run_knobs(*names: str) -> str:
+    """The BENCH_* variables of this run as a shell prefix for the section's command line ('' if none are set)."""
+    return "".join(f"{k}={os.environ[k]!r} " if " " in os.environ[k] else f"{k}={os.environ[k]} "
+                   for k in names if k in os.environ)
+
+
 def save_section(name: str, markdown: str, data: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")

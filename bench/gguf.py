@@ -3,14 +3,14 @@ llama-quantize with and without an importance matrix (llama-imatrix on the same 
 file's perplexity and KL divergence measured BY llama.cpp (llama-perplexity, ctx 512, same chunks)."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
-from .common import CALIB_NSAMPLES, OUT, RESULTS, WIKI, export, machine, md_table, ppl_plot, save_section, shared_data
+from .common import (CALIB_NSAMPLES, OUT, WIKI, export, machine, mark_kept, md_table, ppl_plot, recorded, run_knobs,
+                     save_section, shared_data)
 from .llamacpp_tools import binary
 
 # (model, presets): SmolLM2 at the presets of the issue-9 target and Q4_0; Gemma-3 at Q4_K_M (CPU budget)
@@ -117,16 +117,16 @@ def run(quick: bool = False) -> None:
     if only:
         pick = dict((x.split(":") + [""])[:2] for x in only.split(","))
         models = [(m, [q for q in p if not pick[m] or q in pick[m].split("+")]) for m, p in models if m in pick]
-    prev = json.loads((RESULTS / "gguf.json").read_text()) if only and (RESULTS / "gguf.json").is_file() else {}
+    prev = recorded("gguf") if only else {}
     done = {(m, q.upper()) for m, ps in models for q in ps} | {(m, None) for m, _ in models}
 
     def kept(r):
         return (r["model"], (r.get("preset") or "").upper() or None) not in done
 
-    old = [{"machine_cpu": prev.get("machine", {}).get("cpu", "?"), **r} for r in prev.get("rows", []) if kept(r)]
+    old = mark_kept([r for r in prev.get("rows", []) if kept(r)], prev)
     old_summary = [r for r in prev.get("summary", []) if kept(r)]
-    knobs = " ".join(f"{k}={os.environ[k]}" for k in ("BENCH_NSAMPLES", "BENCH_GGUF_ONLY", "BENCH_REUSE") if k in os.environ)
-    note = f" This run: `{knobs + ' ' if knobs else ''}python -m bench --suite gguf{' --quick' if quick else ''}`."
+    knobs = run_knobs("BENCH_NSAMPLES", "BENCH_GGUF_ONLY", "BENCH_REUSE")
+    note = f" This run: `{knobs}python -m bench --suite gguf{' --quick' if quick else ''}`."
     if old:
         note += (f" Rows not rerun this time ({len(old)}) are kept from an earlier run of this suite on "
                  f"{', '.join(sorted({r['machine_cpu'] for r in old}))}, with the calibration in their `calib` column "

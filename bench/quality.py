@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, ROOT, WIKI, evaluate, export, machine, md_table, ppl_plot,
-                     save_section, shared_data)
+from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, ROOT, WIKI, evaluate, export, machine, mark_kept, md_table,
+                     ppl_plot, recorded, run_knobs, save_section, shared_data)
 
 MODEL = "smollm2"
 GRIDS = [(3, 64, False), (3, 64, True), (2, 32, False)]  # the issue-3 targets (W4: the gptq/gguf/onnx sections)
@@ -87,8 +87,7 @@ def run(quick: bool = False) -> None:
         targets.append({"grid": gname, "calib": g.get("calib"), "gptq": g["wiki_file"], "admmq": a["wiki_file"], "share_of_gptq_excess_removed": removed,
                         "time_ratio_admmq/gptq": a["quant_s"] / g["quant_s"], "target_met(≥0.4)": removed >= 0.4})
     _plot(rows)
-    env = "".join(f"{k}={os.environ[k]!r} " if " " in os.environ[k] else f"{k}={os.environ[k]} "
-                  for k in ("BENCH_NSAMPLES", "BENCH_QUALITY_ONLY", "BENCH_REUSE") if k in os.environ and not quick)
+    env = "" if quick else run_knobs("BENCH_NSAMPLES", "BENCH_QUALITY_ONLY", "BENCH_REUSE")
     md = [f"## Quality: RTN / GPTQ / ADMM-Q / AutoRound on the same grids (`{env}python -m bench --suite quality{' --quick' if quick else ''}`)", "",
           f"SmolLM2-135M, calibration {nsamples} x {seqlen} C4 tokens (seed 0; the same windows for AutoRound). Perplexity on "
           f"the first {wl} WikiText-2 and {wc} C4-validation chunks of 512 tokens (llama.cpp protocol). `_file`: our ONNX "
@@ -116,22 +115,20 @@ def _gname(bits: int, group: int, sym: bool) -> str:
 
 def _kept_rows(rerun: set[str]) -> list[dict]:
     """The recorded rows of the grids not rerun, marked with their calibration and machine (BENCH_QUALITY_ONLY)."""
-    f = RESULTS / "quality.json"
-    if not f.is_file():
-        return []
-    prev = json.loads(f.read_text())
-    m = re.search(r"calibration (\d+ x \d+)", (RESULTS / "quality.md").read_text()) if (RESULTS / "quality.md").is_file() else None
-    cpu = prev.get("machine", {}).get("cpu", "?")
-    return [{"calib": m.group(1) if m else "?", **r, "kept_from": cpu} for r in prev.get("rows", [])
-            if r["grid"] != "-" and r["grid"] not in rerun]
+    prev = recorded("quality")
+    md = RESULTS / "quality.md"
+    m = re.search(r"calibration (\d+ x \d+)", md.read_text()) if prev and md.is_file() else None  # rows before `calib`
+    return mark_kept([{"calib": m.group(1) if m else "?", **r} for r in prev.get("rows", [])
+                      if r["grid"] != "-" and r["grid"] not in rerun], prev)
 
 
 def _kept_note(kept: list[dict]) -> list[str]:
     if not kept:
         return []
     grids = ", ".join(dict.fromkeys(r["grid"] for r in kept))
+    cpus = ", ".join(sorted({r["machine_cpu"] for r in kept}))
     return [f"Rows of {grids} are kept from an earlier run of this suite (column `calib`; machine "
-            f"{kept[0]['kept_from']}; `BENCH_QUALITY_ONLY` reran the others); the original model's row is re-measured.", ""]
+            f"{cpus}; `BENCH_QUALITY_ONLY` reran the others); the original model's row is re-measured.", ""]
 
 
 def _bpw(grid: str) -> float:

@@ -58,6 +58,11 @@ def nearest_codes(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, qmax: int) 
     return torch.where(a == 0, torch.zeros_like(q), q).clamp(0, qmax)
 
 
+def reciprocal_or_zero(a: torch.Tensor) -> torch.Tensor:
+    """1/a per entry, 0 where a = 0 (a grid step of 0 admits only one point: no code moves)."""
+    return torch.where(a == 0, torch.zeros_like(a), 1.0 / torch.where(a == 0, torch.ones_like(a), a))
+
+
 def layer_objective(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
     """½·Tr((Wq−W) H (Wq−W)ᵀ) in fp64 (H None: ½‖Wq−W‖²)."""
     E = (Wq.double() - W.double())

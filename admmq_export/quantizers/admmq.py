@@ -35,7 +35,7 @@ import weakref
 import torch
 
 from ..errors import UserError
-from . import QuantResult, nearest_codes, register
+from . import QuantResult, nearest_codes, reciprocal_or_zero, register
 from .gptq import prepare_hessian, quantize_gptq
 from .local_search import local_search as polish
 from .refit import can_refit
@@ -126,7 +126,7 @@ def admm(Bhat, Ht, wstep, As, Os, qmax, D0, rho0=0.1, max_iter=300, check=3, t_m
     """The ADMM iterations of §2 in scaled coordinates, rows of W as rows: Bhat, As, Os, D0 [m, n]; `wstep` solves
     B·(H̃ + ρI) = R. Returns (codes [m, n], stats)."""
     proj = lambda Y: As * nearest_codes(Y, As, Os, qmax) + Os  # noqa: E731
-    inv = torch.where(As == 0, torch.zeros_like(As), 1.0 / torch.where(As == 0, torch.ones_like(As), As))
+    inv = reciprocal_or_zero(As)
     neg_off = -(Os * inv)  # code of Y is round(Y·inv − Os·inv)
     G = Bhat @ Ht
     D, U = D0.clone(), torch.zeros_like(Bhat)  # U = V/ρ, the scaled dual (same iterates, fewer passes)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from . import reciprocal_or_zero
+
 
 def local_search(codes: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor,
                  qmax: int, sweeps: int = 3, tol: float = 1e-6, block: int = 128) -> tuple[torch.Tensor, dict]:
@@ -29,8 +31,7 @@ def local_search(codes: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W_hat: t
     f0 = f_old = 0.5 * float((E * R).double().sum())
     m, n = W.shape
     hdiag = torch.diagonal(H)
-    invA = torch.where(A == 0, torch.zeros_like(A), 1.0 / torch.where(A == 0, torch.ones_like(A), A))  # A = 0: no move
-    step = invA / hdiag[None, :]  # code change per unit of gradient
+    step = reciprocal_or_zero(A) / hdiag[None, :]  # code change per unit of gradient (A = 0: no move)
     moved = 0
     done_sweeps = 0
     for _ in range(sweeps):
