@@ -56,7 +56,7 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="ADMM-Q W-step: a Cholesky of H+rho*I per penalty value (default) or one fp64 eigendecomposition (ALPS form)")
     p.add_argument("--admm-init", default="rtn", choices=["rtn", "gptq"], help="ADMM-Q: initial codes (default rtn)")
     p.add_argument("--refit", action="store_true",
-                   help="ADMM-Q: refit group scales/zeros for the final codes (H-weighted least squares; int/GPTQ/Marlin and GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 grids)")
+                   help="ADMM-Q: refit group scales/zeros (K-quants: sub-scales/mins and their fp16 super-scale) for the final codes by H-weighted least squares; kept per tensor only where the objective drops")
     p.add_argument("--safety-net", action="store_true",
                    help="ADMM-Q: also run GPTQ + local search and keep the lower layer objective")
     p.add_argument("--onnx-scale-dtype", default="fp32", choices=["fp32", "fp16"],

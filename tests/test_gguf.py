@@ -36,11 +36,15 @@ def _problem(rows, cols, seed=0):
 
 
 @pytest.mark.parametrize("t", list(GGUF_GRIDS))
-@pytest.mark.parametrize("method", ["rtn", "admmq"])
+@pytest.mark.parametrize("method", ["rtn", "admmq", "admmq+refit"])
 def test_packed_blocks_dequantize_bit_exactly(t, method):
+    """Each quantizer's codes and block fields (refitted ones included) pack to bytes that gguf-py and ggml decode
+    to the grid's own dequantization, bit for bit."""
     grid = GGUF_GRIDS[t]
     W, H = _problem(6, 512)
-    res = get_quantizer(method)(W, H, grid)
+    res = get_quantizer(method.split("+")[0])(W, H, grid, refit=method.endswith("refit"))
+    if method.endswith("refit"):
+        assert "f_refit" in res.stats
     want = grid.dequant(res.codes, res.params).float()
     raw = pack(t, res.codes, res.params)
     qt = GGMLQuantizationType[t]

@@ -274,28 +274,50 @@ def test_gptq_matches_the_reference_implementation(act_order):
     assert agree > 0.999, agree  # rounding ties of round((w−b)/s) vs round(w/s)+z may flip a rare code
 
 
-REFIT_GRIDS = [int_grid("gptq", 3, 32, False), int_grid("gptq", 3, 32, True), *(GGUF_GRIDS[t] for t in ("Q4_0", "Q5_0", "Q4_1", "Q5_1"))]
+REFIT_GRIDS = [int_grid("gptq", 3, 32, False), int_grid("gptq", 3, 32, True),
+               *(GGUF_GRIDS[t] for t in ("Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))]
 
 
 @pytest.mark.parametrize("grid", REFIT_GRIDS, ids=lambda g: g.name)
 def test_grid_refresh_lowers_the_objective(grid):
-    """int/GPTQ (fp16 scale + integer zero) and the 32-element GGUF types (fp16 d, and m for Q*_1): the refit
-    parameters keep their storage dtypes, the codes stay valid, and the objective drops."""
-    W, H = _problem(24, 128, seed=8)
+    """Every refittable grid — int/GPTQ (fp16 scale + integer zero), the 32-element GGUF types (fp16 d, and m for
+    Q*_1) and the K-quants (a new fp16 super-scale, integer sub-scales/mins under it): the refit parameters keep
+    their storage dtypes and ranges, the codes stay valid, and the objective drops."""
+    W, H = _problem(24, max(128, grid.group_size), seed=8)
     plain = get_quantizer("admmq")(W, H, grid)
     ref = get_quantizer("admmq")(W, H, grid, refit=True)
     assert ref.stats["f_final"] <= plain.stats["f_final"]
     assert {k: v.dtype for k, v in ref.params.items()} == {k: v.dtype for k, v in plain.params.items()}
+    assert {k: v.shape for k, v in ref.params.items()} == {k: v.shape for k, v in plain.params.items()}
+    if grid.sub_size:  # sub-scales within what the block's bit fields hold
+        lo, hi = getattr(grid, "sc_lo", 0), getattr(grid, "sc_hi", getattr(grid, "sc_max", 0))
+        assert lo <= int(ref.params["sc"].min()) and int(ref.params["sc"].max()) <= hi
     assert int(ref.codes.max()) <= grid.qmax
+    assert ref.stats["f_refit"] < plain.stats["f_final"], "the refit was not kept"
     assert _f(W, H, grid, ref) < _f(W, H, grid, plain)
 
 
-def test_grid_refresh_leaves_k_quants_alone():
-    """Two-level K-quant scales are not refitted: --refit is a no-op there, not an error."""
+def test_refit_is_the_least_squares_optimum(monkeypatch):
+    """The blockwise normal equations equal the dense ones (J formed explicitly) on a K-quant grid with
+    sub-blocks: the refit (a, b) per sub-block is the exact minimiser of f for the given codes."""
+    from admmq_export.quantizers import refit as rf
+
     grid = GGUF_GRIDS["Q4_K"]
-    W, H = _problem(8, 256, seed=8)
-    plain, ref = (get_quantizer("admmq")(W, H, grid, refit=r) for r in (False, True))
-    assert "f_refit" not in ref.stats and torch.equal(plain.codes, ref.codes)
+    W, H = _problem(5, 256, seed=3)
+    codes = torch.randint(0, 16, W.shape, generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    got = {}
+    monkeypatch.setattr(type(grid), "store_affine", lambda self, a, b: got.update(a=a, b=b) or {})
+    rf.refit(grid, codes, W, H)
+    G, s = 8, 32
+    eye = torch.eye(G, dtype=torch.float64)
+    q = codes.double().reshape(5, G, s)
+    J = torch.cat([(q.unsqueeze(-1) * eye[None, :, None, :]).reshape(5, 256, G),
+                   eye[:, None, :].expand(G, s, G).reshape(1, 256, G).expand(5, 256, G)], -1)
+    for r in range(5):
+        A = J[r].T @ H.double() @ J[r]
+        theta = torch.linalg.solve(A, J[r].T @ H.double() @ W[r].double())
+        assert torch.allclose(got["a"][r], theta[:G], rtol=1e-7, atol=1e-10)
+        assert torch.allclose(got["b"][r], theta[G:], rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path runs only on a CUDA host")
@@ -313,3 +335,18 @@ def test_cuda_quantizers_every_grid(grid):
         _assert_valid_beats_rtn(W, H, grid, r, rtn)
         f, f_cpu = _f(W, H, grid, r), _f(W, H, grid, cpu)
         assert f <= 1.02 * f_cpu, (method, f, f_cpu)
+
+
+@pytest.mark.parametrize("t", ["Q3_K", "Q4_K"])
+def test_refit_row_chunks_change_nothing(monkeypatch, t):
+    """Rows are refitted independently: one row per chunk gives the same parameters as one chunk for all."""
+    from admmq_export.quantizers import refit as rf
+
+    grid = GGUF_GRIDS[t]
+    W, H = _problem(6, 256, seed=4)
+    codes = torch.randint(0, grid.qmax + 1, W.shape, generator=torch.Generator().manual_seed(2)).to(torch.uint8)
+    cur = grid.fit(W)
+    whole = rf.refit(grid, codes, W, H, current=cur)
+    monkeypatch.setattr(rf, "SYSTEM_CHUNK_BYTES", 1)
+    rows = rf.refit(grid, codes, W, H, current=cur)
+    assert whole.keys() == rows.keys() and all(torch.equal(whole[k], rows[k]) for k in whole)

@@ -153,14 +153,14 @@ class Grid:
 
     # ---- grid refresh (quantizers/refit.py) --------------------------------------------------------
     def refit_form(self) -> str | None:
-        """How the grid refresh may refit one unit's parameters for fixed codes: "scale" (w = a·(q − code_offset),
-        a free), "affine" (w = a·q + b, both free) or None (not refittable, e.g. K-quant two-level scales)."""
+        """How the grid refresh may refit each sub-unit's (a, b) for fixed codes: "scale" (w = a·(q − code_offset),
+        a free), "affine" (w = a·q + b, both free) or None (not refittable)."""
         return None
 
     code_offset = 0  # the fixed code offset z of a "scale" grid
 
     def store_affine(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameters in the grid's storage for unit-level (a, b) [rows, n_units] (fp64) from the refresh."""
+        """Parameters in the grid's storage for sub-unit-level (a, b) [rows, cols // sub] (fp64) from the refresh."""
         raise NotImplementedError
 
     def bits_per_weight(self, cols: int) -> float:

@@ -121,8 +121,10 @@ class KMinGrid(GGUFGrid):
         sub = Wu.reshape(R, U, G // self.sub_size, self.sub_size)
         lo = sub.amin(-1).clamp(max=0)
         hi = sub.amax(-1).clamp(min=0)
-        scale = (hi - lo) / self.qmax
-        mins = -lo
+        return self._encode((hi - lo) / self.qmax, -lo)
+
+    def _encode(self, scale, mins):
+        """Sub-block scales and mins [R, U, n_sub] (>= 0) -> fp16 d/dmin per unit and integer sc/m under them."""
         d = _f16(scale.amax(-1) / self.sc_max)
         dmin = _f16(mins.amax(-1) / self.sc_max)
         sc = torch.round(_safe_div(scale, d.float().unsqueeze(-1))).clamp(0, self.sc_max)
@@ -133,6 +135,16 @@ class KMinGrid(GGUFGrid):
         a = params["d"].float() * params["sc"].float()
         b = -(params["dmin"].float() * params["m"].float())
         return a, b
+
+    def refit_form(self):
+        return "affine"
+
+    def store_affine(self, a, b):
+        """Per-sub-block (a, b) [rows, n_sub_total] -> a new d/dmin and the sub-scales/mins under them (a < 0 or
+        b > 0 cannot be stored: clamped to 0)."""
+        R = a.shape[0]
+        shape = (R, -1, self.group_size // self.sub_size)
+        return self._encode(a.float().clamp_min(0).reshape(shape), (-b).float().clamp_min(0).reshape(shape))
 
 
 @dataclass(frozen=True)
@@ -146,15 +158,27 @@ class KSymGrid(_OffsetDequant, GGUFGrid):
     def fit_units(self, Wu):
         R, U, G = Wu.shape
         sub = Wu.reshape(R, U, G // self.sub_size, self.sub_size)
-        scale = _signed_absmax(sub) / -self.offset
-        amax = scale.abs().amax(-1)
-        d = _f16(amax / max(-self.sc_lo, self.sc_hi))
+        return self._encode(_signed_absmax(sub) / -self.offset)
+
+    def _encode(self, scale):
+        """Signed sub-block scales [R, U, n_sub] -> fp16 d per unit and the integer sub-scales under it."""
+        d = _f16(scale.abs().amax(-1) / max(-self.sc_lo, self.sc_hi))
         sc = torch.round(_safe_div(scale, d.float().unsqueeze(-1))).clamp(self.sc_lo, self.sc_hi)
         return {"d": d.unsqueeze(-1), "sc": sc.to(torch.int8)}
 
     def affine_units(self, params):
         a = params["d"].float() * params["sc"].float()
         return a, -self.offset * a
+
+    def refit_form(self):
+        return "scale"
+
+    @property
+    def code_offset(self):
+        return self.offset
+
+    def store_affine(self, a, b):
+        return self._encode(a.float().reshape(a.shape[0], -1, self.group_size // self.sub_size))
 
 
 def _grids():

@@ -24,8 +24,9 @@
 * Initialisation (§5): RTN on the fixed grid (default) or GPTQ with static groups (same grid). The result is never
   worse than its initialisation: the initial codes are kept when ADMM + local search does not beat them.
   `safety_net=True` also runs GPTQ (the caller's options) + local search and keeps the lower objective.
-* Grid refresh (§6, `refit=True`, off by default): scales/zeros refitted by H-weighted least squares for the final
-  codes (quantizers/refit.py), codes re-projected and polished; kept only when the objective drops.
+* Grid refresh (§6, `refit=True`, off by default): scales/zeros (K-quants: sub-scales/mins under a new super-scale)
+  refitted by H-weighted least squares for the final codes (quantizers/refit.py), codes re-projected and polished;
+  kept only when the objective drops.
 """
 from __future__ import annotations
 
@@ -233,10 +234,9 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
         st["f_admm"] = f_cur = f_codes(codes)
     params0 = params
     if refit and can_refit(grid, params):  # §6 grid refresh: refit scales/zeros for the codes, re-project, polish
-        new = refit_params(grid, codes, W_hat, Hd)
+        new = refit_params(grid, codes, W_hat, Hd, current=params)
         A2, O2 = (t.to(W_hat.device) for t in grid.column_affine(new, n))
-        c2 = nearest_codes(A * codes + O, A2, O2, grid.qmax)
-        c2, _ = polish(c2, A2, O2, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)
+        c2, _ = polish(codes, A2, O2, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)  # the codes it was fitted for
         f2 = _objective(A2, O2, c2, W_hat, Hd)
         st["f_refit"] = f2
         if f2 < f_cur:
