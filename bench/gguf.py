@@ -17,8 +17,9 @@ from .llamacpp_tools import binary
 MODELS = [("smollm2", ["q4_k_m", "q3_k_m", "q2_k", "q4_0"]), ("gemma3-270m", ["q4_k_m"])]
 TARGET_PRESETS = ("q4_k_m", "q3_k_m", "q2_k")
 # our methods and their options: ADMM-Q with the diag(H)-weighted clipping search for the grid (the imatrix's role in
-# llama.cpp's scale search); GPTQ as the reference runs it
-METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search"]}
+# llama.cpp's scale search) and the grid refresh (block scales refitted for the final codes); GPTQ as the reference
+# runs it
+METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"]}
 
 
 def _tool(name: str) -> str:
@@ -147,10 +148,12 @@ def _save(rows, summary, quick, chunks, t, note="") -> None:
           f"first {chunks} chunks of WikiText-2 test, KLD against the model's f32 file's logits). Calibration for us and "
           "for `llama-imatrix`: the same C4 windows (seed 0; `calib` = samples x tokens). Ours: RTN; GPTQ (reference "
           "settings); ADMM-Q with the CLI options in `options` (`--clip-search`: group parameters from a diag(H)-weighted "
-          f"clipping search, the role the imatrix plays in llama.cpp's scale search).{note} Our files are written from the IR (codes packed, never re-rounded); "
+          f"clipping search, the role the imatrix plays in llama.cpp's scale search; `--refit`: the block scales refitted for "
+          f"the final codes by H-weighted least squares, K-quant sub-scales/mins as integers under a refitted fp16 "
+          f"super-scale).{note} Our files are written from the IR (codes packed, never re-rounded); "
           "llama.cpp's from the f32 GGUF we wrote, with `llama-quantize [--imatrix]`. `seconds`: llama-quantize, or our "
           "whole export (model load, calibration forward passes, quantizer, packing). "
-          "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets here reproduces.", "",
+          "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
           md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "seconds"]), "",
           "Target (issue 9): at Q4_K_M, Q3_K_M and Q2_K, ADMM-Q removes at least half of the imatrix file's perplexity "
           "excess over f32 (share ≥ 0.5; negative: worse than the imatrix file).", "",
