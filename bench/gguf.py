@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .common import (CALIB_NSAMPLES, OUT, WIKI, export, machine, mark_kept, md_table, ppl_plot, recorded, run_knobs,
+from .common import (CALIB_NSAMPLES, OUT, WIKI, evaluate, export, machine, mark_kept, md_table, ppl_plot, recorded, run_knobs,
                      save_section, shared_data)
 from .llamacpp_tools import binary
 
@@ -74,7 +74,8 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
     f32 = d / "f32.gguf"
     export(model, "gguf:f32", f32, *calib)
     base = d / "f32.kld"
-    rows = [{"model": model, "file": "f32 (ours, unquantized)", "bpw": 32.0, **perplexity(f32, chunks, save_base=base)}]
+    rows = [{"model": model, "file": "f32 (ours, unquantized)", "bpw": 32.0, **perplexity(f32, chunks, save_base=base),
+             "ppl_ir": evaluate(model, WIKI, "llamacpp", chunks)["ppl"]}]
     ctext = calibration_text(model, d / "calib.txt", nsamples, seqlen)
     imat = d / "imatrix.dat"
     _run([_tool("llama-imatrix"), "-m", str(f32), "-f", str(ctext), "-o", str(imat), "-c", str(seqlen), "-t", "2",
@@ -93,7 +94,8 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
             rep = export(model, f"gguf:{preset}", out, "--method", method, *opts, *calib)
             rows.append({"model": model, "file": f"admmq-export {method.upper()} {preset.upper()}", "preset": preset,
                          "options": " ".join(opts), "seconds": rep["wall_seconds"], "MiB": out.stat().st_size / 2**20,
-                         **perplexity(out, chunks, kld_base=base)})
+                         **perplexity(out, chunks, kld_base=base),
+                         "ppl_ir": evaluate(f"{out}.ir", WIKI, "llamacpp", chunks)["ppl"]})
     ref_ppl = rows[0]["ppl"]
     for r in rows:
         r["excess"] = r["ppl"] - ref_ppl
@@ -154,7 +156,10 @@ def _save(rows, summary, quick, chunks, t, note="") -> None:
           "llama.cpp's from the f32 GGUF we wrote, with `llama-quantize [--imatrix]`. `seconds`: llama-quantize, or our "
           "whole export (model load, calibration forward passes, quantizer, packing). "
           "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
-          md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "seconds"]), "",
+          md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "ppl_ir", "seconds"]), "",
+          "`ppl_ir`: our own evaluation (fp32 torch, the same windows) of the weights the file holds, from our IR (f32 "
+          "row: the original model): what the weights cost without llama.cpp's 8-bit requantization of the activations "
+          "in its quantized matmuls (blank: a row kept from a run before this column).", "",
           "Target (issue 9): at Q4_K_M, Q3_K_M and Q2_K, ADMM-Q removes at least half of the imatrix file's perplexity "
           "excess over f32 (share ≥ 0.5; negative: worse than the imatrix file).", "",
           md_table(summary, ["model", "calib", "preset", "method", "ppl", "imatrix_ppl", "share_of_imatrix_excess_removed",

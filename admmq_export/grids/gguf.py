@@ -54,7 +54,14 @@ BPW = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5,
 
 
 class _OffsetDequant:
-    """w = a·(q − offset), evaluated as llama.cpp does (so a zero takes the sign of a)."""
+    """w = a·(q − offset), evaluated as llama.cpp does (so a zero takes the sign of a); refitted in the scale form."""
+
+    def refit_form(self):
+        return "scale"
+
+    @property
+    def code_offset(self):
+        return self.offset
 
     def dequant(self, codes, params, g_idx=None):
         a, _ = self.column_affine(params, codes.shape[1], g_idx)
@@ -80,13 +87,6 @@ class SymBlockGrid(_OffsetDequant, GGUFGrid):
     def affine_units(self, params):
         d = params["d"].float()
         return d, -self.offset * d
-
-    def refit_form(self):
-        return "scale"
-
-    @property
-    def code_offset(self):
-        return self.offset
 
     def store_affine(self, a, b):
         return {"d": _f16(a).unsqueeze(-1)}
@@ -169,13 +169,6 @@ class KSymGrid(_OffsetDequant, GGUFGrid):
     def affine_units(self, params):
         a = params["d"].float() * params["sc"].float()
         return a, -self.offset * a
-
-    def refit_form(self):
-        return "scale"
-
-    @property
-    def code_offset(self):
-        return self.offset
 
     def store_affine(self, a, b):
         return self._encode(a.float().reshape(a.shape[0], -1, self.group_size // self.sub_size))
