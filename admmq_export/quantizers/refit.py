@@ -10,8 +10,8 @@ for Q*_0/Q*_1, and for the K-quants a new fp16 super-scale (d, dmin) with the in
 rounded under it; those integers are then improved by exact coordinate descent on each row's quadratic
 (θ − θ*)ᵀ(JᵀHJ)(θ − θ*) (θ* the least-squares optimum), and with them fixed a second least squares refits the
 super-scales: per 256-block w = d·(sc_j·q) − dmin·m_j is linear in (d, dmin), rounded to fp16 once.
-Codes are then re-projected on the stored grid and polished by the caller, which keeps the refit only when it
-lowers the objective.
+The caller polishes the codes (the ones the refit was fitted for) on the stored grid and keeps the refit only when
+it lowers the objective.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _refit_rows(grid, codes, W_hat, Hd, current):
     keys = ["sc"] if scale_only else ["sc", "m"]
     best = None
     for start in [params] + ([current] if current is not None else []):
-        u, D, cost = _k_integers(grid, start, keys, A, theta, n)
+        u, cost = _k_integers(grid, start, keys, A, theta, n)
         if best is None:
             best = (u, cost)
         else:
@@ -63,7 +63,7 @@ def _refit_rows(grid, codes, W_hat, Hd, current):
             best = (torch.where(take[:, None], u, best[0]), torch.where(take, cost, best[1]))
     u = best[0]
     # the super-scales refitted for those integers: per 256-block w = d·(sc_j·q) − dmin·m_j
-    m, sub, unit = q.shape[0], grid.sub(n), grid.unit(n)
+    sub, unit = grid.sub(n), grid.unit(n)
     ints = {k: u[:, i * G:(i + 1) * G] for i, k in enumerate(keys)}
     cols = [ints["sc"].repeat_interleave(sub, 1) * q] + ([] if scale_only else [-ints["m"].repeat_interleave(sub, 1)])
     th = _solve(*_normal_equations(cols, Hd, HW, unit))
@@ -76,7 +76,7 @@ def _refit_rows(grid, codes, W_hat, Hd, current):
 
 def _k_integers(grid, params: dict, keys: list[str], A: torch.Tensor, theta: torch.Tensor, n: int):
     """The integer sub-scales (and mins) under `params`' super-scales by exact coordinate descent on each row's
-    quadratic (θ − θ*)ᵀA(θ − θ*), θ = d·sc (and −dmin·m): (integers [m, k], D [m, k], cost [m])."""
+    quadratic (θ − θ*)ᵀA(θ − θ*), θ = d·sc (and −dmin·m): (integers [m, k], cost [m])."""
     m = theta.shape[0]
     per = grid.unit(n) // grid.sub(n)
     u = torch.cat([params[k].double().reshape(m, -1) for k in keys], 1)
@@ -104,7 +104,7 @@ def _k_integers(grid, params: dict, keys: list[str], A: torch.Tensor, theta: tor
         if not moved:
             break
     e = D * u - theta
-    return u, D, torch.einsum("mk,mkl,ml->m", e, A, e)
+    return u, torch.einsum("mk,mkl,ml->m", e, A, e)
 
 
 SUBSCALE_SWEEPS = 4
