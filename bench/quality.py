@@ -127,7 +127,17 @@ def _stories_md(rows: list[dict]) -> list[str]:
     return ["### stories260K", "", qs.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(), "",
             md_table(rows, ["grid", "method", "calib", "ppl_file", "ppl_ir", "kld", "quant_s"]), "",
             f"`ppl_file`: the ONNX file in ONNX Runtime; `ppl_ir`: our fake-quant IR; {qs.WINDOWS} TinyStories windows of "
-            f"{qs.SEQLEN} tokens. Fallback on every row: {rows[-1]['fallback']}.", "", qs.plot(rows, _bpw), ""]
+            f"{qs.SEQLEN} tokens. Fallbacks, per grid (the same for every method): {_fallbacks_by_grid(rows)}.", "",
+            qs.plot(rows, _bpw), ""]
+
+
+def _fallbacks_by_grid(rows: list[dict]) -> str:
+    """Each grid's fallback report once ('W3 g32 asym: 5 tensors ...'), in row order."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        if r.get("fallback") and r["fallback"] != "-":
+            seen.setdefault(r["grid"], r["fallback"])
+    return "; ".join(f"{g}: {fb}" for g, fb in seen.items()) or "none"
 
 
 def _gname(bits: int, group: int, sym: bool) -> str:
