@@ -43,16 +43,29 @@ def export(model: str, to: str, out: Path, *extra: str) -> dict:
     records them and the export's wall time) is used as it is, so a suite rerun only exports what is new."""
     out.parent.mkdir(parents=True, exist_ok=True)
     rep = out.with_name(out.name + ".report.json")
-    stamp = out.with_name(out.name + ".bench.json")
     args = [model, "--to", to, "-o", str(out), "--quiet", "--json-report", str(rep), *extra]
-    if os.environ.get("BENCH_REUSE") == "1" and out.exists() and rep.is_file() and stamp.is_file():
-        prev = json.loads(stamp.read_text())
-        if prev.get("args") == args:
-            print(f"reusing {out} (exported in {prev['wall_seconds']:.0f}s)", flush=True)
-            return {**json.loads(rep.read_text()), "wall_seconds": prev["wall_seconds"], "reused": True}
+    prev = earlier_run(out, args) if rep.is_file() else None
+    if prev is not None:
+        print(f"reusing {out} (exported in {prev['wall_seconds']:.0f}s)", flush=True)
+        return {**json.loads(rep.read_text()), "wall_seconds": prev["wall_seconds"], "reused": True}
     secs, _ = cli(*args)
-    stamp.write_text(json.dumps({"args": args, "wall_seconds": secs}))
+    stamp_run(out, args, wall_seconds=secs)
     return {**json.loads(rep.read_text()), "wall_seconds": secs, "reused": False}
+
+
+def earlier_run(out: Path, args: list[str]) -> dict | None:
+    """Under BENCH_REUSE=1, the stamp (`<out>.bench.json`) of an earlier run that wrote `out` with these exact
+    arguments, else None."""
+    stamp = out.with_name(out.name + ".bench.json")
+    if os.environ.get("BENCH_REUSE") != "1" or not out.exists() or not stamp.is_file():
+        return None
+    prev = json.loads(stamp.read_text())
+    return prev if prev.get("args") == args else None
+
+
+def stamp_run(out: Path, args: list[str], **info) -> None:
+    """Record the arguments that wrote `out` (and what the run measured) for `earlier_run`."""
+    out.with_name(out.name + ".bench.json").write_text(json.dumps({"args": args, **info}))
 
 
 def evaluate(target: str, data: str, protocol: str, windows: int, seqlen: int | None = None, reference: str | None = None) -> dict:

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import time
 
-from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, ROOT, WIKI, evaluate, export, machine, mark_kept, md_table,
-                     ppl_plot, recorded, run_knobs, save_section, shared_data)
-from .quality_stories import run as stories_rows
+from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, ROOT, WIKI, earlier_run, evaluate, export, machine, mark_kept, md_table,
+                     ppl_plot, recorded, run_knobs, save_section, shared_data, stamp_run)
+from . import quality_stories as qs
 
 MODEL = "smollm2"
 GRIDS = [(3, 64, False), (3, 64, True), (2, 32, False)]  # the issue-3 targets (W4: the gptq/gguf/onnx sections)
@@ -29,17 +29,15 @@ def _autoround(out, bits, group, sym, nsamples, seqlen, iters) -> dict:
     args = [sys.executable, "-m", "bench.autoround_peer", MODEL, str(out), "--format", "auto_gptq", "--bits", str(bits),
             "--group-size", str(group), "--iters", str(iters), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
             "--batch-size", "4", "--calib", shared_data("c4-train-00000-first1000.jsonl")] + ([] if sym else ["--asym"])
-    stamp = out.with_name(out.name + ".bench.json")  # BENCH_REUSE=1: a run with the same arguments is used as it is
-    if os.environ.get("BENCH_REUSE") == "1" and out.exists() and stamp.is_file():
-        prev = json.loads(stamp.read_text())
-        if prev.get("args") == args[1:]:
-            print(f"reusing {out} (AutoRound ran {prev['result']['seconds']:.0f}s)", flush=True)
-            return prev["result"]
+    prev = earlier_run(out, args[1:])  # BENCH_REUSE=1: a run with the same arguments is used as it is
+    if prev is not None:
+        print(f"reusing {out} (AutoRound ran {prev['result']['seconds']:.0f}s)", flush=True)
+        return prev["result"]
     p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         return {"error": p.stderr.strip().splitlines()[-1][:200]}
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    stamp.write_text(json.dumps({"args": args[1:], "result": result}))
+    stamp_run(out, args[1:], result=result)
     return result
 
 
@@ -86,7 +84,7 @@ def run(quick: bool = False) -> None:
             f = _evals(str(out), wl, wc, MODEL)
             rows.append({"grid": gname, "method": f"autoround iters={ar_iters}", "calib": f"{nsamples} x {seqlen}", "wiki_file": f["wiki"], "c4_file": f["c4"],
                          "kld": f["kld"], "quant_s": ar["seconds"], "peak_rss_mib": ar["peak_rss_mib"]})
-    srows = [] if quick else stories_rows(_gname)[0]
+    srows = [] if quick else qs.run(_gname)[0]
     rows += kept
     rows.sort(key=lambda r: [_gname(*g) for g in GRIDS].index(r["grid"]) if r["grid"] != "-" else -1)
     targets = []
@@ -122,8 +120,6 @@ def run(quick: bool = False) -> None:
 def _stories_md(rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    from . import quality_stories as qs
-
     return ["### stories260K", "", qs.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(), "",
             md_table(rows, ["grid", "method", "calib", "ppl_file", "ppl_ir", "kld", "quant_s"]), "",
             f"`ppl_file`: the ONNX file in ONNX Runtime; `ppl_ir`: our fake-quant IR; {qs.WINDOWS} TinyStories windows of "
