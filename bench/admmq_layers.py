@@ -8,19 +8,31 @@ import torch
 
 from admmq_export.grids import int_grid
 from admmq_export.quantizers import get_quantizer, layer_objective
+from admmq_export.quantizers.admmq import factor_cache_restore, factor_cache_snapshot
 from admmq_export.quantizers.local_search import local_search
 
 from .common import PLOTS, machine, md_table, save_section
 from .hessians import capture
 
+TIMED_RUNS = 2  # all_layers: each quantizer's time per layer is the best of this many identical runs
 CONFIGS = [("W3 g64 asym", 3, 64, False), ("W3 g64 sym", 3, 64, True), ("W2 g32 asym", 2, 32, False)]
 
 
-def _run(method, W, H, grid, **kw):
-    t = time.perf_counter()
-    r = get_quantizer(method)(W, H, grid, **kw)
-    dt = time.perf_counter() - t
-    return r, layer_objective(W, grid.dequant(r.codes, r.params, r.g_idx).float(), H), dt
+def _run(method, W, H, grid, repeat=1, **kw):
+    """(result, layer objective, seconds): the best of `repeat` timed runs, each from the same factor cache and all
+    giving the same codes (this machine's speed drifts by 15-30% over minutes; the minimum is the quantizer's cost,
+    not the noise)."""
+    best, r = float("inf"), None
+    cache = factor_cache_snapshot()  # ADMM-Q's factors of H + ρI, shared by q/k/v and gate/up: as before the 1st run
+    for _ in range(repeat):
+        factor_cache_restore(cache)
+        t = time.perf_counter()
+        r2 = get_quantizer(method)(W, H, grid, **kw)
+        best = min(best, time.perf_counter() - t)
+        if r is not None and not torch.equal(r.codes, r2.codes):
+            raise RuntimeError(f"{method} gave different codes on a rerun of the same problem")
+        r = r2
+    return r, layer_objective(W, grid.dequant(r.codes, r.params, r.g_idx).float(), H), best
 
 
 def _gptq_ls(W, H, grid):
@@ -41,8 +53,8 @@ def all_layers(probs):
         res = []
         for name, (W, H) in probs.items():
             _, f_rtn, _ = _run("rtn", W, H, grid)
-            _, f_g, t_g = _run("gptq", W, H, grid)
-            ra, f_a, t_a = _run("admmq", W, H, grid)
+            _, f_g, t_g = _run("gptq", W, H, grid, repeat=TIMED_RUNS)
+            ra, f_a, t_a = _run("admmq", W, H, grid, repeat=TIMED_RUNS)
             res.append({"layer": name, "rtn": f_rtn, "gptq": f_g, "admmq": f_a, "t_gptq": t_g, "t_admmq": t_a,
                         "iters": ra.stats["admm_iters"]})
         per_layer[label] = res
@@ -172,7 +184,9 @@ def run(quick: bool = False) -> None:
           "GPTQ: damp 0.01, blocks of 128, dynamic groups, no act-order. ADMM-Q: spec defaults (ρ0 = 0.1, ALPS schedule, "
           "max 300 iterations, RTN init, 3 sweeps of exact-CD local search, no safety net; W-step: one Cholesky of H̃ + ρI "
           "per penalty value, the spec's §2.1 alternative to the fp64 eigendecomposition, which the ablation row "
-          "'eigendecomposition W-step' runs for comparison). Times: quantizer only, same process, 2 CPU threads.", "",
+          "'eigendecomposition W-step' runs for comparison). Times: quantizer only, same process, 2 CPU threads, "
+          f"per layer the best of {TIMED_RUNS} runs of each quantizer (same codes each time; GPTQ and ADMM-Q alternate "
+          "layer by layer, so both see the same drift of this machine's speed).", "",
           "**Target: ADMM-Q ≤ GPTQ on ≥ 95% of the layers at W3 g64 and W2 g32; ADMM-Q time ≤ 3x GPTQ.**", "",
           md_table(rows, ["grid", "layers", "ADMM-Q ≤ GPTQ", "median ADMM-Q/GPTQ", "worst ADMM-Q/GPTQ", "Σf GPTQ/RTN",
                           "Σf ADMM-Q/RTN", "GPTQ s", "ADMM-Q s", "time ratio", "mean iters"]), "",

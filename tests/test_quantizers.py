@@ -163,6 +163,25 @@ def test_admm_w_step_solvers_agree(m):
         get_quantizer("admmq")(W, H, grid, solver="lu")
 
 
+def test_factor_cache_snapshot_restores_a_first_run():
+    """A benchmark times a rerun of a layer from the factor cache as it was before the first run: after a restore the
+    factors the first run added are gone (the rerun builds them again), the codes are the same, and the snapshot
+    itself is not changed by the rerun."""
+    from admmq_export.quantizers import admmq
+
+    W, H = _problem(32, 64, seed=6)
+    grid = int_grid("int", 3, 16, False)
+    snap = admmq.factor_cache_snapshot()
+    first = get_quantizer("admmq")(W, H, grid)
+    mine = [v for v in admmq._FACTORS.values() if v[0]() is H]
+    assert len(mine) == 1 and any(isinstance(k, tuple) for k in mine[0][3])  # factors of H + ρI were cached
+    admmq.factor_cache_restore(snap)
+    assert not [v for v in admmq._FACTORS.values() if v[0]() is H]
+    again = get_quantizer("admmq")(W, H, grid)
+    assert torch.equal(first.codes, again.codes)
+    assert not [v for v in snap.values() if v[0]() is H]
+
+
 @pytest.mark.parametrize("init", ["rtn", "gptq"])
 def test_admmq_never_worse_than_its_initialisation(init):
     for grid in (int_grid("int", 3, 32, False), GGUF_GRIDS["Q3_K"], int_grid("marlin", 4, 128, True)):

@@ -64,6 +64,20 @@ def _factor(H: torch.Tensor, Hd: torch.Tensor, damp: float, precondition: bool):
     return out
 
 
+def _copy(cache: dict) -> dict:
+    return {k: (*v[:3], dict(v[3])) for k, v in cache.items()}
+
+
+def factor_cache_snapshot() -> dict:
+    """A copy of the factor cache, so a benchmark can time a rerun of a layer as if it were the first run."""
+    return _copy(_FACTORS)
+
+
+def factor_cache_restore(snapshot: dict) -> None:
+    _FACTORS.clear()
+    _FACTORS.update(_copy(snapshot))
+
+
 class WStep:
     """B = R·(H̃ + ρI)⁻¹ for the current ρ, R and B [m, n] (rows of W; H̃ is symmetric). The ρ-dependent factor is
     rebuilt only when ρ changes."""
