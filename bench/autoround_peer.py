@@ -14,6 +14,34 @@ import time
 from pathlib import Path
 
 
+def autoround(model: str, out: Path, fmt: str, nsamples: int, seqlen: int, iters: int, bits: int | None = None,
+              group: int | None = None, sym: bool = True) -> dict:
+    """Run this module in a subprocess on our calibration windows; its JSON result, or {"error": ...}. Under
+    BENCH_REUSE=1 a run with the same arguments is used as it is (bench.common.earlier_run)."""
+    import importlib.util
+    import subprocess
+
+    from .common import ROOT, earlier_run, shared_data, stamp_run
+
+    if importlib.util.find_spec("auto_round") is None:
+        return {"error": "auto-round is not installed in this environment (pip install -e '.[peers]')"}
+    args = [sys.executable, "-m", "bench.autoround_peer", model, str(out), "--format", fmt, "--iters", str(iters),
+            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--batch-size", "4",
+            "--calib", shared_data("c4-train-00000-first1000.jsonl")]
+    if bits is not None:
+        args += ["--bits", str(bits), "--group-size", str(group)] + ([] if sym else ["--asym"])
+    prev = earlier_run(out, args[1:])
+    if prev is not None:
+        print(f"reusing {out} (AutoRound ran {prev['result']['seconds']:.0f}s)", flush=True)
+        return prev["result"]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        return {"error": p.stderr.strip().splitlines()[-1][:200]}
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    stamp_run(out, args[1:], result=result)
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -43,8 +71,13 @@ def main() -> int:
     texts = [lm.tokenizer.decode(s) for s in samples]
     t = time.time()
     kw = {}
+    hf = Path(a.out + ".hfdir")  # its GGUF path reads tensor names back from the model's own safetensors folder
+    shutil.rmtree(hf, ignore_errors=True)
+    lm.model.save_pretrained(str(hf))
+    lm.tokenizer.save_pretrained(str(hf))
+    lm.model.config._name_or_path = lm.model.name_or_path = str(hf)
     if a.format.startswith("gguf"):
-        kw["scheme"] = a.format.split(":", 1)[1].upper()
+        kw["scheme"] = a.format.upper()  # its preset names: "GGUF:Q4_K_M"
     else:
         kw.update(bits=a.bits, group_size=a.group_size, sym=not a.asym)
     ar = AutoRound(lm.model, lm.tokenizer, iters=a.iters, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
@@ -63,6 +96,7 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         shutil.move(str(cfgs[0]), out)
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(hf, ignore_errors=True)
     print(json.dumps({"seconds": secs, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "out": str(out), "iters": a.iters, "nsamples": a.nsamples, "seqlen": a.seqlen}))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .common import (CALIB_NSAMPLES, OUT, WIKI, evaluate, export, machine, mark_kept, md_table, ppl_plot, recorded, run_knobs,
                      save_section, shared_data)
+from .autoround_peer import autoround
 from .llamacpp_tools import binary
 
 # (model, presets): SmolLM2 at the presets of the issue-9 target and Q4_0; Gemma-3 at Q4_K_M (CPU budget)
@@ -20,6 +21,9 @@ TARGET_PRESETS = ("q4_k_m", "q3_k_m", "q2_k")
 # llama.cpp's scale search) and the grid refresh (block scales refitted for the final codes); GPTQ as the reference
 # runs it
 METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"]}
+# AutoRound's own GGUF export as a peer (issue 10), where the CPU budget allows it
+AUTOROUND = {("smollm2", "q4_k_m")}
+AUTOROUND_ITERS = 50  # as in the quality suite (its default, 200, is ~4x the CPU time)
 
 
 def _tool(name: str) -> str:
@@ -66,50 +70,69 @@ def calibration_text(model: str, path: Path, nsamples: int, seqlen: int, seed: i
     return path
 
 
-def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen: int) -> tuple[list, list]:
-    """Every row of one model: its f32 GGUF, llama.cpp's files with and without the imatrix, ours per method."""
+def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen: int):
+    """Every row of one model: its f32 GGUF, llama.cpp's files with and without the imatrix, ours per method, and
+    AutoRound's own GGUF where it is a peer. Yields (rows, summary) so far after each preset, so a run cut short
+    keeps the presets it finished."""
     d = OUT / "gguf" / model
     d.mkdir(parents=True, exist_ok=True)
     calib = ["--nsamples", str(nsamples), "--seqlen", str(seqlen)]
     f32 = d / "f32.gguf"
     export(model, "gguf:f32", f32, *calib)
     base = d / "f32.kld"
-    rows = [{"model": model, "file": "f32 (ours, unquantized)", "bpw": 32.0, **perplexity(f32, chunks, save_base=base),
-             "ppl_ir": evaluate(model, WIKI, "llamacpp", chunks)["ppl"]}]
+    rows = [{"model": model, "file": "f32 (ours, unquantized)", "bpw": 32.0, "calib": f"{nsamples} x {seqlen}",
+             **perplexity(f32, chunks, save_base=base), "ppl_ir": evaluate(model, WIKI, "llamacpp", chunks)["ppl"]}]
+    rows[0]["excess"] = 0.0
     ctext = calibration_text(model, d / "calib.txt", nsamples, seqlen)
     imat = d / "imatrix.dat"
     _run([_tool("llama-imatrix"), "-m", str(f32), "-f", str(ctext), "-o", str(imat), "-c", str(seqlen), "-t", "2",
           "--chunks", str(nsamples)])
+    summary = []
     for preset in presets:
+        new = []
         for imatrix in (False, True):
             out = d / f"llamacpp-{preset}{'-imat' if imatrix else ''}.gguf"
             ts = time.time()
             _run([_tool("llama-quantize"), *(["--imatrix", str(imat)] if imatrix else []), str(f32), str(out),
                   preset.upper(), "2"])
-            rows.append({"model": model, "file": f"llama.cpp {preset.upper()}{' + imatrix' if imatrix else ''}",
-                         "preset": preset, "seconds": time.time() - ts, "MiB": out.stat().st_size / 2**20,
-                         **perplexity(out, chunks, kld_base=base)})
+            new.append({"model": model, "file": f"llama.cpp {preset.upper()}{' + imatrix' if imatrix else ''}",
+                        "preset": preset, "seconds": time.time() - ts, "MiB": out.stat().st_size / 2**20,
+                        **perplexity(out, chunks, kld_base=base)})
         for method, opts in METHODS.items():
             out = d / f"ours-{method}-{preset}.gguf"
             rep = export(model, f"gguf:{preset}", out, "--method", method, *opts, *calib)
-            rows.append({"model": model, "file": f"admmq-export {method.upper()} {preset.upper()}", "preset": preset,
-                         "options": " ".join(opts), "seconds": rep["wall_seconds"], "MiB": out.stat().st_size / 2**20,
-                         **perplexity(out, chunks, kld_base=base),
-                         "ppl_ir": evaluate(f"{out}.ir", WIKI, "llamacpp", chunks)["ppl"]})
-    ref_ppl = rows[0]["ppl"]
-    for r in rows:
-        r["excess"] = r["ppl"] - ref_ppl
-        r["calib"] = f"{nsamples} x {seqlen}"
-    summary = []
-    for preset in presets:
-        im = next(r for r in rows if r.get("preset") == preset and "imatrix" in r["file"])
-        for method in METHODS:
-            ours = next(r for r in rows if r.get("preset") == preset and r["file"].endswith(f"{method.upper()} {preset.upper()}"))
-            removed = 1 - ours["excess"] / im["excess"] if im["excess"] > 0 else float("nan")
-            summary.append({"model": model, "preset": preset.upper(), "method": method, "calib": f"{nsamples} x {seqlen}", "ppl": ours["ppl"],
-                            "imatrix_ppl": im["ppl"], "share_of_imatrix_excess_removed": removed,
-                            "target_met(≥0.5)": removed >= 0.5 if preset in TARGET_PRESETS else "-"})
-    return rows, summary
+            new.append({"model": model, "file": f"admmq-export {method.upper()} {preset.upper()}", "preset": preset,
+                        "method": method, "options": " ".join(opts), "seconds": rep["wall_seconds"],
+                        "MiB": out.stat().st_size / 2**20, **perplexity(out, chunks, kld_base=base),
+                        "ppl_ir": evaluate(f"{out}.ir", WIKI, "llamacpp", chunks)["ppl"]})
+        if (model, preset) in AUTOROUND:
+            new.append(_autoround_row(model, preset, d, chunks, base, nsamples, seqlen))
+        for r in new:
+            r["excess"] = r["ppl"] - rows[0]["ppl"] if "ppl" in r else None
+            r["calib"] = f"{nsamples} x {seqlen}"
+        rows += new
+        im = next(r for r in new if "imatrix" in r["file"])
+        for r in new:
+            if r.get("method") and "ppl" in r:
+                removed = 1 - r["excess"] / im["excess"] if im["excess"] > 0 else float("nan")
+                summary.append({"model": model, "preset": preset.upper(), "method": r["method"],
+                                "calib": f"{nsamples} x {seqlen}", "ppl": r["ppl"], "imatrix_ppl": im["ppl"],
+                                "share_of_imatrix_excess_removed": removed,
+                                "target_met(≥0.5)": removed >= 0.5 if preset in TARGET_PRESETS else "-"})
+        yield rows, summary
+
+
+def _autoround_row(model: str, preset: str, d: Path, chunks: int, base: Path, nsamples: int, seqlen: int) -> dict:
+    """AutoRound (its defaults for the scheme, on CPU, our calibration windows) exported with its own GGUF writer;
+    measured by llama.cpp like every other file, and by our loader (the file's weights dequantized by gguf-py)."""
+    out = d / f"autoround-{preset}.gguf"
+    res = autoround(model, out, f"gguf:{preset}", nsamples, seqlen, AUTOROUND_ITERS)
+    row = {"model": model, "file": f"AutoRound {preset.upper()} (its GGUF exporter)", "preset": preset,
+           "method": "autoround", "options": f"iters={AUTOROUND_ITERS}"}
+    if "error" in res:
+        return {**row, "options": f"not measured: {res['error']}"}
+    return {**row, "seconds": res["seconds"], "MiB": out.stat().st_size / 2**20, **perplexity(out, chunks, kld_base=base),
+            "ppl_ir": evaluate(str(out), WIKI, "llamacpp", chunks)["ppl"]}
 
 
 def run(quick: bool = False) -> None:
@@ -119,28 +142,27 @@ def run(quick: bool = False) -> None:
     only = os.environ.get("BENCH_GGUF_ONLY")  # e.g. "smollm2:q4_k_m+q2_k": rerun these; the rest keep their recorded rows
     if only:
         pick = dict((x.split(":") + [""])[:2] for x in only.split(","))
-        models = [(m, [q for q in p if not pick[m] or q in pick[m].split("+")]) for m, p in models if m in pick]
+        # in the order given, so the presets that matter most can run first
+        models = [(m, [q for q in pick[m].split("+") if q in p] if pick[m] else p) for m, p in models if m in pick]
     prev = recorded("gguf") if only else {}
-    done = {(m, q.upper()) for m, ps in models for q in ps} | {(m, None) for m, _ in models}
-
-    def kept(r):
-        return (r["model"], (r.get("preset") or "").upper() or None) not in done
-
-    old = mark_kept([r for r in prev.get("rows", []) if kept(r)], prev)
-    old_summary = [r for r in prev.get("summary", []) if kept(r)]
+    old = mark_kept(prev.get("rows", []), prev)
+    old_summary = prev.get("summary", [])
     knobs = run_knobs("BENCH_NSAMPLES", "BENCH_GGUF_ONLY", "BENCH_REUSE")
-    note = f" This run: `{knobs}python -m bench --suite gguf{' --quick' if quick else ''}`."
-    if old:
-        note += (f" Rows not rerun this time ({len(old)}) are kept from an earlier run of this suite on "
-                 f"{', '.join(sorted({r['machine_cpu'] for r in old}))}, with the calibration in their `calib` column "
-                 "and the ADMM-Q options in their `options` column (blank: none).")
     t = time.time()
     rows, summary = [], []
-    for model, presets in models:  # the section is rewritten after each model: a later failure keeps earlier rows
-        r, s = one_model(model, presets, chunks, nsamples, seqlen)
-        rows += r
-        summary += s
-        _save(rows + old, summary + old_summary, quick, chunks, t, note)
+    for model, presets in models:  # the section is rewritten after each preset: a run cut short keeps what it finished
+        r, s = [], []
+        for r, s in one_model(model, presets, chunks, nsamples, seqlen):
+            fresh = {(x["model"], (x.get("preset") or "").upper() or None) for x in rows + r}
+            keep = [x for x in old if (x["model"], (x.get("preset") or "").upper() or None) not in fresh]
+            keep_s = [x for x in old_summary if (x["model"], x["preset"]) not in fresh]
+            note = f" This run: `{knobs}python -m bench --suite gguf{' --quick' if quick else ''}`."
+            if keep:
+                note += (f" Rows not rerun this time ({len(keep)}) are kept from an earlier run of this suite on "
+                         f"{', '.join(sorted({x['machine_cpu'] for x in keep}))}, with the calibration in their `calib` "
+                         "column and the ADMM-Q options in their `options` column (blank: none).")
+            _save(rows + r + keep, summary + s + keep_s, quick, chunks, t, note)
+        rows, summary = rows + r, summary + s
 
 
 def _save(rows, summary, quick, chunks, t, note="") -> None:
@@ -154,7 +176,10 @@ def _save(rows, summary, quick, chunks, t, note="") -> None:
           f"the final codes by H-weighted least squares, K-quant sub-scales/mins as integers under a refitted fp16 "
           f"super-scale).{note} Our files are written from the IR (codes packed, never re-rounded); "
           "llama.cpp's from the f32 GGUF we wrote, with `llama-quantize [--imatrix]`. `seconds`: llama-quantize, or our "
-          "whole export (model load, calibration forward passes, quantizer, packing). "
+          "whole export (model load, calibration forward passes, quantizer, packing). AutoRound (SmolLM2 Q4_K_M): "
+          f"auto-round's own scheme for the preset with iters={AUTOROUND_ITERS} (its default 200 is ~4x the CPU time), batch 4, on "
+          "our calibration windows, written by its own GGUF exporter; its `ppl_ir` is our evaluation of that file's weights "
+          "(dequantized by gguf-py). "
           "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
           md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "ppl_ir", "seconds"]), "",
           "`ppl_ir`: our own evaluation (fp32 torch, the same windows) of the weights the file holds, from our IR (f32 "
@@ -176,6 +201,6 @@ def _plot(rows) -> None:
 
     series = {label: [(r["MiB"], r["ppl"]) for r in rows if "MiB" in r and "ppl" in r and pick(key)(r["file"])]
               for label, key in (("llama.cpp", "llama.cpp"), ("llama.cpp + imatrix", "imatrix"), ("RTN", "RTN"),
-                                 ("GPTQ", "GPTQ"), ("ADMM-Q", "ADMMQ"))}
+                                 ("GPTQ", "GPTQ"), ("ADMM-Q", "ADMMQ"), ("AutoRound", "AutoRound"))}
     ppl_plot("gguf_ppl.png", series, rows[0]["ppl"], "f32", "file size (MiB)", "WikiText-2 perplexity (llama.cpp)",
              "SmolLM2-135M GGUF: perplexity vs size", "o-")

@@ -4,41 +4,19 @@ dequantized exactly) and measured in ONNX Runtime, beside our fake-quant IR; Aut
 GPTQ exporter and measured through our GPTQ checkpoint loader. Plus a ppl-vs-bits plot."""
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 import time
 
-from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, ROOT, WIKI, earlier_run, evaluate, export, machine, mark_kept, md_table,
-                     ppl_plot, recorded, run_knobs, save_section, shared_data, stamp_run)
+from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, WIKI, evaluate, export, machine, mark_kept, md_table, ppl_plot,
+                     recorded, run_knobs, save_section)
 from . import quality_stories as qs
+from .autoround_peer import autoround
 
 MODEL = "smollm2"
 GRIDS = [(3, 64, False), (3, 64, True), (2, 32, False)]  # the issue-3 targets (W4: the gptq/gguf/onnx sections)
 AUTOROUND_GRIDS = {(3, 64, False)}
 METHODS = ["rtn", "gptq", "admmq"]
-
-
-def _autoround(out, bits, group, sym, nsamples, seqlen, iters) -> dict:
-    import importlib.util
-
-    if importlib.util.find_spec("auto_round") is None:
-        return {"error": "auto-round is not installed in this environment (pip install -e '.[peers]')"}
-    args = [sys.executable, "-m", "bench.autoround_peer", MODEL, str(out), "--format", "auto_gptq", "--bits", str(bits),
-            "--group-size", str(group), "--iters", str(iters), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
-            "--batch-size", "4", "--calib", shared_data("c4-train-00000-first1000.jsonl")] + ([] if sym else ["--asym"])
-    prev = earlier_run(out, args[1:])  # BENCH_REUSE=1: a run with the same arguments is used as it is
-    if prev is not None:
-        print(f"reusing {out} (AutoRound ran {prev['result']['seconds']:.0f}s)", flush=True)
-        return prev["result"]
-    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
-    if p.returncode:
-        return {"error": p.stderr.strip().splitlines()[-1][:200]}
-    result = json.loads(p.stdout.strip().splitlines()[-1])
-    stamp_run(out, args[1:], result=result)
-    return result
 
 
 def _evals(target: str, wl: int, wc: int, reference: str | None) -> dict:
@@ -77,7 +55,7 @@ def run(quick: bool = False) -> None:
         if (bits, group, sym) not in AUTOROUND_GRIDS or quick:
             continue
         out = OUT / "quality" / f"smollm2-autoround-w{bits}g{group}{'s' if sym else 'a'}"
-        ar = _autoround(out, bits, group, sym, nsamples, seqlen, ar_iters)
+        ar = autoround(MODEL, out, "auto_gptq", nsamples, seqlen, ar_iters, bits, group, sym)
         if "error" in ar:
             rows.append({"grid": gname, "method": f"autoround (not measured: {ar['error']})"})
         else:
