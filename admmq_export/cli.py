@@ -57,6 +57,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--admm-init", default="rtn", choices=["rtn", "gptq"], help="ADMM-Q: initial codes (default rtn)")
     p.add_argument("--refit", action="store_true",
                    help="ADMM-Q: refit group scales/zeros (K-quants: sub-scales/mins and their fp16 super-scale) for the final codes by H-weighted least squares; kept per tensor only where the objective drops")
+    p.add_argument("--asym-calib", action="store_true",
+                   help="asymmetric calibration (GPTAQ-style): fit each linear to the original model's output from the quantized model's input (a second, full-precision forward stream)")
     p.add_argument("--safety-net", action="store_true",
                    help="ADMM-Q: also run GPTQ + local search and keep the lower layer objective")
     p.add_argument("--onnx-scale-dtype", default="fp32", choices=["fp32", "fp16"],
@@ -126,14 +128,15 @@ def cmd_export(argv) -> int:
     calib = a.calib or str(shared(DEFAULT_CALIB))
     samples = calibration_samples(lm.tokenizer, calib, a.nsamples, a.seqlen, a.seed)
     meta = {"source": Path(lm.source).name, "method": a.method, "method_options": _method_options(a), "to": a.to,
-            "calibration": {"file": Path(calib).name, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
+            "calibration": {"file": Path(calib).name, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
+                            "asymmetric": a.asym_calib},
             "admmq_export_version": __version__}
     state = out.with_name(out.name + ".admmq-state")
     if not a.resume and state.exists():
         import shutil
 
         shutil.rmtree(state)
-    opts = PipelineOptions(a.method, _method_options(a), a.device, state, a.resume, not a.quiet)
+    opts = PipelineOptions(a.method, _method_options(a), a.device, state, a.resume, not a.quiet, a.asym_calib)
     ir, stats = quantize_model(lm.model, samples, plan, opts, meta)
     ir.gguf_tokenizer = lm.gguf_tokenizer
     import tempfile

@@ -5,9 +5,16 @@ o, gate/up, down), accumulate H = 2·XᵀX/n in fp32 per group, quantize each li
 dequantized weight back, re-run the layer so the next group sees quantized inputs, and feed the quantized
 layer's outputs to the next layer. Only the current layer sits on the compute device.
 After each layer the state is saved beside the output, so `--resume` continues where it stopped.
+
+`asym_calib` (GPTAQ-style asymmetric calibration, `--asym-calib`): a second, full-precision stream of inputs goes
+through an unquantized copy of each layer, and each linear is fitted to the *original* model's output from the
+quantized model's input, min ‖Ŵ·X̃ − W·X‖². With H = 2·X̃ᵀX̃/n and C = 2·X̃ᵀX/n that objective is
+(ŵ − w*)ᵀH(ŵ − w*) + const per row, w* = H⁻¹·C·w, so every quantizer runs unchanged on the target
+W* = W·Cᵀ·(H + λI)⁻¹ (λ: the quantizer's damping) — the error earlier layers left is compensated where possible.
 """
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,6 +41,7 @@ class PipelineOptions:
     state_dir: Path | None = None
     resume: bool = False
     progress: bool = True
+    asym_calib: bool = False
 
 
 class _Stop(Exception):
@@ -147,28 +155,50 @@ class _Stop(Exception):
     """Raised by the Hessian hook: the rest of the layer's forward is not needed for this group."""
 
 
-def _hessian(layer, names: list[str], inps, kw, device) -> torch.Tensor:
-    """H = 2·XᵀX/n of the group's shared input, from a forward pass cut short at the group's first linear."""
-    mod = layer.get_submodule(names[0])
-    acc = {"H": None, "n": 0}
+def _hessian(layer, names: list[str], inps, kw, device, fp_layer=None, fp_inps=None):
+    """H = 2·X̃ᵀX̃/n of the group's shared input, from a forward pass cut short at the group's first linear; with
+    `fp_layer`/`fp_inps` (asymmetric calibration) also C = 2·X̃ᵀX/n, X the same input in the full-precision stream."""
+    acc = {"H": None, "C": None, "n": 0}
+    grab = {}
 
-    def fn(m, a):
-        x = a[0].detach().reshape(-1, a[0].shape[-1]).float()
-        acc["H"] = x.T @ x if acc["H"] is None else acc["H"] + x.T @ x
-        acc["n"] += x.shape[0]
-        raise _Stop
+    def capture(key):
+        def fn(m, a):
+            grab[key] = a[0].detach().reshape(-1, a[0].shape[-1]).float()
+            raise _Stop
 
-    h = mod.register_forward_pre_hook(fn)
-    try:
-        with torch.no_grad():
-            for x in inps:
-                try:
-                    layer(x.unsqueeze(0).to(device), **kw)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-    return (2.0 / acc["n"]) * acc["H"]
+        return fn
+
+    def run(lay, x, key):
+        h = lay.get_submodule(names[0]).register_forward_pre_hook(capture(key))
+        try:
+            with torch.no_grad():
+                lay(x.unsqueeze(0).to(device), **kw)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return grab.pop(key)
+
+    for s, x in enumerate(inps):
+        xq = run(layer, x, "q")
+        acc["H"] = xq.T @ xq if acc["H"] is None else acc["H"] + xq.T @ xq
+        if fp_layer is not None:
+            xf = run(fp_layer, fp_inps[s], "f")
+            acc["C"] = xq.T @ xf if acc["C"] is None else acc["C"] + xq.T @ xf
+        acc["n"] += xq.shape[0]
+    H = (2.0 / acc["n"]) * acc["H"]
+    return H if fp_layer is None else (H, (2.0 / acc["n"]) * acc["C"])
+
+
+def asym_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = W + W·(C − H)ᵀ·(H + λI)⁻¹, λ = damp·mean(diag H) — undamped, W·Cᵀ·H⁻¹: the weights whose quadratic
+    objective on H equals the asymmetric one, ‖Ŵ·X̃ − W·X‖², up to a constant. C − H = 2·X̃ᵀ(X − X̃)/n is the
+    error the earlier layers left in this input (GPTAQ's ΔX term), so equal streams give W* = W at any damping."""
+    Hd = H.double().clone()
+    Hd.diagonal().add_(damp * torch.diagonal(Hd).mean().clamp_min(1e-12))
+    L = torch.linalg.cholesky(Hd)
+    rhs = (C.double() - H.double()) @ W.double().T  # [n, m]
+    return (W.double() + torch.cholesky_solve(rhs, L).T).to(W.dtype).contiguous()
 
 
 class StateStore:
@@ -176,6 +206,7 @@ class StateStore:
 
     def __init__(self, d: Path | None):
         self.d = d
+        self.fp_inps = None
 
     def load(self):
         if self.d is None or not (self.d / "state.safetensors").is_file():
@@ -190,15 +221,18 @@ class StateStore:
         for k, spec in info["linears"].items():
             params = {p: flat.pop(f"{k}.param.{p}") for p in spec["params"]}
             linears[k] = QuantizedLinear(from_spec(spec["grid"]), flat.pop(f"{k}.codes"), params, flat.pop(f"{k}.g_idx", None))
+        self.fp_inps = flat.pop("__fp_inps__", None)
         return info["done"], flat.pop("__inps__"), (linears, info["stats"])
 
-    def save(self, done: int, inps: torch.Tensor, linears: dict, stats: dict) -> None:
+    def save(self, done: int, inps: torch.Tensor, linears: dict, stats: dict, fp_inps: torch.Tensor | None = None) -> None:
         if self.d is None:
             return
         import json
 
         self.d.mkdir(parents=True, exist_ok=True)
         flat = {"__inps__": inps.contiguous()}
+        if fp_inps is not None:
+            flat["__fp_inps__"] = fp_inps.contiguous()
         spec = {}
         for k, q in linears.items():
             flat[f"{k}.codes"] = q.codes.contiguous()
@@ -235,12 +269,15 @@ def quantize_model(model, samples: torch.Tensor, plan: GridPlan, opts: PipelineO
         linears, stats = saved
         sd = {k: q.dequant().float() for k, q in linears.items()}
         model.load_state_dict(sd, strict=False)
-    if not getattr(quantize, "needs_hessian", True) and not opts.method_options.get("clip_search"):
+    if not getattr(quantize, "needs_hessian", True) and not opts.method_options.get("clip_search") and not opts.asym_calib:
         _quantize_weights_only(model, plan, quantize, opts, linears, stats)
         return _finish(model, plan, linears, stats, opts, meta)
     kwargs = _layer_kwargs(model, samples[:1])
     if inps is None:
         inps = _layer_inputs(model, samples)
+    fp_inps = None
+    if opts.asym_calib:
+        fp_inps = store.fp_inps if store.fp_inps is not None else inps.clone()
     prefix = "model.layers"
     t0 = time.time()
     bar = tqdm(range(done + 1, len(layers)), desc=f"{opts.method} layers", unit="layer", disable=not opts.progress,
@@ -248,25 +285,33 @@ def quantize_model(model, samples: torch.Tensor, plan: GridPlan, opts: PipelineO
     for i in bar:
         layer = layers[i].to(device)
         kw = _to(kwargs[i], device)
+        fp_layer = copy.deepcopy(layer) if fp_inps is not None else None
         for group in _linear_groups(layer, inps, kw, device):
             todo = [(n, f"{prefix}.{i}.{n}.weight") for n in group]
             todo = [(n, w, plan(w, tuple(layer.get_submodule(n).weight.shape))) for n, w in todo]
             if not any(g for _, _, g in todo):
                 continue
-            H = _hessian(layer, group, inps, kw, device)
+            H, C = _hessian(layer, group, inps, kw, device, fp_layer, fp_inps) if fp_layer is not None else (
+                _hessian(layer, group, inps, kw, device), None)
             for n, wname, grid in todo:
                 if grid is not None:
-                    _quantize_one(layer.get_submodule(n), wname, grid, quantize, H, opts.method_options, linears, stats)
+                    _quantize_one(layer.get_submodule(n), wname, grid, quantize, H, opts.method_options, linears, stats,
+                                  cross=C)
         inps = _run_layer(layer, inps, kw, device)
+        if fp_layer is not None:
+            fp_inps = _run_layer(fp_layer, fp_inps, kw, device)
+            del fp_layer
         layers[i] = layer.cpu()
-        store.save(i, inps, linears, stats)
+        store.save(i, inps, linears, stats, fp_inps)
         bar.set_postfix(s_per_layer=f"{(time.time() - t0) / (i - done):.2f}")
     return _finish(model, plan, linears, stats, opts, meta)
 
 
-def _quantize_one(mod, wname, grid, quantize, H, method_options, linears, stats) -> None:
+def _quantize_one(mod, wname, grid, quantize, H, method_options, linears, stats, cross=None) -> None:
     W = mod.weight.data.float().clone()  # the original weight, kept for the objective
     grid.check_shape(*W.shape, name=wname)
+    if cross is not None:  # asymmetric calibration: the target whose objective on H is ‖Ŵ·X̃ − W·X‖² + const
+        W = asym_target(W, H, cross, method_options.get("damp", 0.01))
     ts = time.time()
     res = quantize(W, H, grid, **method_options)
     ql = QuantizedLinear(grid, res.codes.cpu(), {k: v.cpu() for k, v in res.params.items()},

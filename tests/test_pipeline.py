@@ -116,3 +116,71 @@ def test_linear_groups_follow_shared_inputs(stories):
         groups = _linear_groups(stories.model.model.layers[i], inps, kw[i], "cpu")
         assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                           ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_asym_target_has_the_asymmetric_objective():
+    """‖X̃·Ŵᵀ − X·Wᵀ‖² = (n/2)·Tr((Ŵ − W*)H(Ŵ − W*)ᵀ) + const for every Ŵ (no damping), and X̃ = X gives W* = W
+    at any damping."""
+    from admmq_export.pipeline import asym_target
+
+    g = torch.Generator().manual_seed(0)
+    N, n, m = 400, 12, 5
+    Xf = torch.randn(N, n, generator=g, dtype=torch.float64)
+    Xq = Xf + 0.2 * torch.randn(N, n, generator=g, dtype=torch.float64)  # inputs after earlier quantization
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    H, C = 2 * Xq.T @ Xq / N, 2 * Xq.T @ Xf / N
+    Ws = asym_target(W, H, C, damp=0.0)
+
+    def gap(Wh):
+        asym = ((Xq @ Wh.T - Xf @ W.T) ** 2).sum()
+        quad = N / 2 * torch.trace((Wh - Ws) @ H @ (Wh - Ws).T)
+        return float(asym - quad)
+
+    consts = [gap(torch.randn(m, n, generator=g, dtype=torch.float64)) for _ in range(3)]
+    assert max(consts) - min(consts) < 1e-8 * abs(consts[0]) + 1e-9
+    H0 = 2 * Xf.T @ Xf / N
+    for damp in (0.0, 0.01):
+        assert torch.allclose(asym_target(W, H0, H0, damp=damp), W, atol=1e-12)
+
+
+def test_asym_calib_compensates_earlier_layers_and_resumes(tmp_path, monkeypatch, stories):
+    """--asym-calib on stories260K with GPTQ: layer 0's q/k/v see unquantized inputs in both streams (same codes
+    as the plain run); later layers are fitted to the original model's outputs, so the last hidden state is
+    closer to the original model's; an interrupted run resumes (the full-precision stream is in the state) to
+    the same bytes; the IR records the option."""
+    from admmq_export.calib import calibration_samples
+    from admmq_export.pipeline import StateStore
+
+    plain, asym, resumed = tmp_path / "p.ir", tmp_path / "a.ir", tmp_path / "r.ir"
+    args = ("--asym", "--nsamples", "16")
+    assert main(export_args(plain, *args, method="gptq", bits=3)) == 0
+    assert main(export_args(asym, *args, "--asym-calib", method="gptq", bits=3)) == 0
+    P, A = QuantizedModel.load(plain), QuantizedModel.load(asym)
+    assert A.meta["calibration"]["asymmetric"] is True and P.meta["calibration"]["asymmetric"] is False
+    for k in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{k}.weight"
+        assert torch.equal(P.linears[name].codes, A.linears[name].codes), name
+    assert not torch.equal(P.linears["model.layers.4.mlp.down_proj.weight"].codes,
+                           A.linears["model.layers.4.mlp.down_proj.weight"].codes)
+    ids = calibration_samples(stories.tokenizer, str(TINY_TEXT), 8, 64, seed=1)  # other windows than calibration
+
+    def last_hidden(model):
+        with torch.no_grad():
+            return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+
+    ref = last_hidden(stories.model)
+    err = {k: float(((last_hidden(model_from_ir(ir)) - ref) ** 2).mean()) for k, ir in (("plain", P), ("asym", A))}
+    assert err["asym"] < err["plain"], err
+
+    real_save = StateStore.save
+
+    def crash_after_layer_2(self, done, *a):
+        real_save(self, done, *a)
+        if done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StateStore, "save", crash_after_layer_2)
+    assert main(export_args(resumed, *args, "--asym-calib", method="gptq", bits=3)) == 130
+    monkeypatch.setattr(StateStore, "save", real_save)
+    assert main(export_args(resumed, *args, "--asym-calib", "--resume", method="gptq", bits=3)) == 0
+    assert (asym / "ir.safetensors").read_bytes() == (resumed / "ir.safetensors").read_bytes()
