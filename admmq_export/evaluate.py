@@ -43,7 +43,9 @@ def eval_windows(tokenizer, path, protocol: str = "gptq", seqlen: int | None = N
         n = min(n, max_windows)
     win = ids[: n * L].reshape(n, L).clone()
     bos = tokenizer.bos_token_id
-    if protocol == "llamacpp" and bos is not None and getattr(tokenizer, "add_bos_token", True) and ids[0].item() == bos:
+    # by behaviour, not by the `add_bos_token` attribute: a tokenizer saved and reloaded (the IR's) can say False
+    # and still add BOS, and then every window but the first lost its BOS (Gemma-3: ppl 20 -> 31)
+    if protocol == "llamacpp" and bos is not None and ids[0].item() == bos:
         win[:, 0] = bos
     return Windows(win, first)
 

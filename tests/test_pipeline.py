@@ -184,3 +184,20 @@ def test_asym_calib_compensates_earlier_layers_and_resumes(tmp_path, monkeypatch
     monkeypatch.setattr(StateStore, "save", real_save)
     assert main(export_args(resumed, *args, "--asym-calib", "--resume", method="gptq", bits=3)) == 0
     assert (asym / "ir.safetensors").read_bytes() == (resumed / "ir.safetensors").read_bytes()
+
+
+def test_llamacpp_windows_keep_bos_when_the_attribute_says_otherwise(stories):
+    """A tokenizer that adds BOS but reports add_bos_token=False (what a saved-and-reloaded Gemma-3 tokenizer
+    does) still gets BOS at the start of every llama.cpp window, as llama-perplexity puts it there."""
+
+    class Reloaded:
+        def __init__(self, tok):
+            self.tok, self.bos_token_id, self.add_bos_token = tok, tok.bos_token_id, False
+
+        def __call__(self, *a, **kw):
+            return self.tok(*a, **kw)
+
+    plain = eval_windows(stories.tokenizer, TINY_TEXT, "llamacpp", seqlen=128)
+    reloaded = eval_windows(Reloaded(stories.tokenizer), TINY_TEXT, "llamacpp", seqlen=128)
+    assert (reloaded.ids[:, 0] == stories.tokenizer.bos_token_id).all()
+    assert torch.equal(plain.ids, reloaded.ids)
