@@ -21,6 +21,9 @@ TARGET_PRESETS = ("q4_k_m", "q3_k_m", "q2_k")
 # llama.cpp's scale search) and the grid refresh (block scales refitted for the final codes); GPTQ as the reference
 # runs it
 METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"]}
+# asymmetric calibration (--asym-calib, GPTAQ-style) beside the plain rows, where the CPU budget allows it
+ASYM = {("smollm2", "q3_k_m")}
+ASYM_METHODS = {"gptq+asym": ["--asym-calib"], "admmq+asym": ["--clip-search", "--refit", "--asym-calib"]}
 # AutoRound's own GGUF export as a peer (issue 10), where the CPU budget allows it
 AUTOROUND = {("smollm2", "q4_k_m")}
 AUTOROUND_ITERS = 50  # as in the quality suite (its default, 200, is ~4x the CPU time)
@@ -98,9 +101,10 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
             new.append({"model": model, "file": f"llama.cpp {preset.upper()}{' + imatrix' if imatrix else ''}",
                         "preset": preset, "seconds": time.time() - ts, "MiB": out.stat().st_size / 2**20,
                         **perplexity(out, chunks, kld_base=base)})
-        for method, opts in METHODS.items():
+        methods = {**METHODS, **(ASYM_METHODS if (model, preset) in ASYM else {})}
+        for method, opts in methods.items():
             out = d / f"ours-{method}-{preset}.gguf"
-            rep = export(model, f"gguf:{preset}", out, "--method", method, *opts, *calib)
+            rep = export(model, f"gguf:{preset}", out, "--method", method.split("+")[0], *opts, *calib)
             new.append({"model": model, "file": f"admmq-export {method.upper()} {preset.upper()}", "preset": preset,
                         "method": method, "options": " ".join(opts), "seconds": rep["wall_seconds"],
                         "MiB": out.stat().st_size / 2**20, **perplexity(out, chunks, kld_base=base),
@@ -179,7 +183,9 @@ def _save(rows, summary, quick, chunks, t, note="") -> None:
           "whole export (model load, calibration forward passes, quantizer, packing). AutoRound (SmolLM2 Q4_K_M): "
           f"auto-round's own scheme for the preset with iters={AUTOROUND_ITERS} (its default 200 is ~4x the CPU time), batch 4, on "
           "our calibration windows, written by its own GGUF exporter; its `ppl_ir` is our evaluation of that file's weights "
-          "(dequantized by gguf-py). "
+          "(dequantized by gguf-py). `GPTQ+ASYM` / `ADMMQ+ASYM` (SmolLM2 Q3_K_M): the same methods with `--asym-calib` "
+          "(GPTAQ-style asymmetric calibration: each linear fitted to the original model's outputs from the quantized "
+          "model's inputs). "
           "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
           md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "ppl_ir", "seconds"]), "",
           "`ppl_ir`: our own evaluation (fp32 torch, the same windows) of the weights the file holds, from our IR (f32 "
@@ -197,7 +203,7 @@ def _plot(rows) -> None:
     def pick(key):
         if key == "llama.cpp":
             return lambda f: f.startswith("llama.cpp") and "imatrix" not in f
-        return lambda f: key in f
+        return lambda f: key in f and "+ASYM" not in f  # the asymmetric-calibration rows are not a series
 
     series = {label: [(r["MiB"], r["ppl"]) for r in rows if "MiB" in r and "ppl" in r and pick(key)(r["file"])]
               for label, key in (("llama.cpp", "llama.cpp"), ("llama.cpp + imatrix", "imatrix"), ("RTN", "RTN"),
