@@ -10,7 +10,8 @@ After each layer the state is saved beside the output, so `--resume` continues w
 through an unquantized copy of each layer, and each linear is fitted to the *original* model's output from the
 quantized model's input, min ‖Ŵ·X̃ − W·X‖². With H = 2·X̃ᵀX̃/n and C = 2·X̃ᵀX/n that objective is
 (ŵ − w*)ᵀH(ŵ − w*) + const per row, w* = H⁻¹·C·w, so every quantizer runs unchanged on the target
-W* = W·Cᵀ·(H + λI)⁻¹ (λ: the quantizer's damping) — the error earlier layers left is compensated where possible.
+W* = W + W·(C − H)ᵀ·(H + λI)⁻¹ (`asym_target`; λ: the quantizer's damping) — the error earlier layers left is
+compensated where possible.
 """
 from __future__ import annotations
 
@@ -156,8 +157,9 @@ class _Stop(Exception):
 
 
 def _hessian(layer, names: list[str], inps, kw, device, fp_layer=None, fp_inps=None):
-    """H = 2·X̃ᵀX̃/n of the group's shared input, from a forward pass cut short at the group's first linear; with
-    `fp_layer`/`fp_inps` (asymmetric calibration) also C = 2·X̃ᵀX/n, X the same input in the full-precision stream."""
+    """(H, C): H = 2·X̃ᵀX̃/n of the group's shared input, from a forward pass cut short at the group's first linear;
+    with `fp_layer`/`fp_inps` (asymmetric calibration) C = 2·X̃ᵀX/n, X the same input in the full-precision stream
+    (else None)."""
     acc = {"H": None, "C": None, "n": 0}
     grab = {}
 
@@ -186,8 +188,7 @@ def _hessian(layer, names: list[str], inps, kw, device, fp_layer=None, fp_inps=N
             xf = run(fp_layer, fp_inps[s], "f")
             acc["C"] = xq.T @ xf if acc["C"] is None else acc["C"] + xq.T @ xf
         acc["n"] += xq.shape[0]
-    H = (2.0 / acc["n"]) * acc["H"]
-    return H if fp_layer is None else (H, (2.0 / acc["n"]) * acc["C"])
+    return (2.0 / acc["n"]) * acc["H"], None if fp_layer is None else (2.0 / acc["n"]) * acc["C"]
 
 
 def asym_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
@@ -291,8 +292,7 @@ def quantize_model(model, samples: torch.Tensor, plan: GridPlan, opts: PipelineO
             todo = [(n, w, plan(w, tuple(layer.get_submodule(n).weight.shape))) for n, w in todo]
             if not any(g for _, _, g in todo):
                 continue
-            H, C = _hessian(layer, group, inps, kw, device, fp_layer, fp_inps) if fp_layer is not None else (
-                _hessian(layer, group, inps, kw, device), None)
+            H, C = _hessian(layer, group, inps, kw, device, fp_layer, fp_inps)
             for n, wname, grid in todo:
                 if grid is not None:
                     _quantize_one(layer.get_submodule(n), wname, grid, quantize, H, opts.method_options, linears, stats,

@@ -157,9 +157,9 @@ def run(quick: bool = False) -> None:
     for model, presets in models:  # the section is rewritten after each preset: a run cut short keeps what it finished
         r, s = [], []
         for r, s in one_model(model, presets, chunks, nsamples, seqlen):
-            fresh = {(x["model"], (x.get("preset") or "").upper() or None) for x in rows + r}
-            keep = [x for x in old if (x["model"], (x.get("preset") or "").upper() or None) not in fresh]
-            keep_s = [x for x in old_summary if (x["model"], x["preset"]) not in fresh]
+            fresh = {_model_preset(x) for x in rows + r}
+            keep = [x for x in old if _model_preset(x) not in fresh]
+            keep_s = [x for x in old_summary if _model_preset(x) not in fresh]
             note = f" This run: `{knobs}python -m bench --suite gguf{' --quick' if quick else ''}`."
             if keep:
                 note += (f" Rows not rerun this time ({len(keep)}) are kept from an earlier run of this suite on "
@@ -167,6 +167,11 @@ def run(quick: bool = False) -> None:
                          "column and the ADMM-Q options in their `options` column (blank: none).")
             _save(rows + r + keep, summary + s + keep_s, quick, chunks, t, note)
         rows, summary = rows + r, summary + s
+
+
+def _model_preset(row: dict) -> tuple:
+    """(model, PRESET) of a table or summary row; the f32 row has no preset (None)."""
+    return row["model"], (row.get("preset") or "").upper() or None
 
 
 def _save(rows, summary, quick, chunks, t, note="") -> None:

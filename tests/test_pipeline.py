@@ -44,6 +44,19 @@ def test_ir_round_trip_and_tamper_detection(tmp_path):
     assert ir.verify_manifest() == ["model.layers.1.mlp.up_proj.weight"]
 
 
+def _crash_after_layer_2(monkeypatch):
+    """Make the pipeline's state store raise KeyboardInterrupt right after saving layer 2; the real save returned."""
+    real_save = StateStore.save
+
+    def crash(self, done, *args):
+        real_save(self, done, *args)
+        if done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StateStore, "save", crash)
+    return real_save
+
+
 def test_same_inputs_give_byte_identical_output_and_resume_matches(tmp_path, monkeypatch):
     a, b, c = tmp_path / "a.ir", tmp_path / "b.ir", tmp_path / "c.ir"
     assert main(export_args(a, "--asym", bits=3)) == 0
@@ -51,14 +64,7 @@ def test_same_inputs_give_byte_identical_output_and_resume_matches(tmp_path, mon
     assert (a / "ir.safetensors").read_bytes() == (b / "ir.safetensors").read_bytes()
     assert (a / "ir.json").read_bytes() == (b / "ir.json").read_bytes()
 
-    real_save = StateStore.save
-
-    def crash_after_layer_2(self, done, *args):
-        real_save(self, done, *args)
-        if done == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StateStore, "save", crash_after_layer_2)
+    real_save = _crash_after_layer_2(monkeypatch)
     assert main(export_args(c, "--asym", "--clip-search", bits=3)) == 130
     assert not c.exists() and (tmp_path / "c.ir.admmq-state" / "state.json").is_file()
     monkeypatch.setattr(StateStore, "save", real_save)
@@ -149,7 +155,6 @@ def test_asym_calib_compensates_earlier_layers_and_resumes(tmp_path, monkeypatch
     closer to the original model's; an interrupted run resumes (the full-precision stream is in the state) to
     the same bytes; the IR records the option."""
     from admmq_export.calib import calibration_samples
-    from admmq_export.pipeline import StateStore
 
     plain, asym, resumed = tmp_path / "p.ir", tmp_path / "a.ir", tmp_path / "r.ir"
     args = ("--asym", "--nsamples", "16")
@@ -172,14 +177,7 @@ def test_asym_calib_compensates_earlier_layers_and_resumes(tmp_path, monkeypatch
     err = {k: float(((last_hidden(model_from_ir(ir)) - ref) ** 2).mean()) for k, ir in (("plain", P), ("asym", A))}
     assert err["asym"] < err["plain"], err
 
-    real_save = StateStore.save
-
-    def crash_after_layer_2(self, done, *a):
-        real_save(self, done, *a)
-        if done == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StateStore, "save", crash_after_layer_2)
+    real_save = _crash_after_layer_2(monkeypatch)
     assert main(export_args(resumed, *args, "--asym-calib", method="gptq", bits=3)) == 130
     monkeypatch.setattr(StateStore, "save", real_save)
     assert main(export_args(resumed, *args, "--asym-calib", "--resume", method="gptq", bits=3)) == 0
