@@ -57,6 +57,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--admm-init", default="rtn", choices=["rtn", "gptq"], help="ADMM-Q: initial codes (default rtn)")
     p.add_argument("--refit", action="store_true",
                    help="ADMM-Q: refit group scales/zeros (K-quants: sub-scales/mins and their fp16 super-scale) for the final codes by H-weighted least squares; kept per tensor only where the objective drops")
+    p.add_argument("--refit-rounds", type=int, default=1,
+                   help="ADMM-Q with --refit: alternate refit and ADMM this many rounds (ADMM re-run on each refitted grid from the current codes); stops at the first round that does not lower the objective (default 1: one refit)")
     p.add_argument("--asym-calib", action="store_true",
                    help="asymmetric calibration (GPTAQ-style): fit each linear to the original model's output from the quantized model's input (a second, full-precision forward stream)")
     p.add_argument("--safety-net", action="store_true",
@@ -79,9 +81,12 @@ def _method_options(a) -> dict:
             raise UserError("ADMM-Q fixes the grid before optimising and has no column order (admmq.md §6)",
                             "drop --act-order (it applies to --method gptq)")
         opts.pop("act_order")
+        if a.refit_rounds < 1 or (a.refit_rounds > 1 and not a.refit):
+            raise UserError(f"--refit-rounds {a.refit_rounds} needs --refit and a count of at least 1",
+                            "add --refit, or drop --refit-rounds")
         opts.update(rho0=a.rho0, iters=300 if a.admm_iters is None else a.admm_iters, init=a.admm_init,
-                    local_search=not a.no_local_search, safety_net=a.safety_net, refit=a.refit, schedule="alps", precondition=True,
-                    solver=a.admm_solver)
+                    local_search=not a.no_local_search, safety_net=a.safety_net, refit=a.refit,
+                    refit_rounds=a.refit_rounds, schedule="alps", precondition=True, solver=a.admm_solver)
     return opts
 
 

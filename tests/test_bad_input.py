@@ -120,6 +120,12 @@ def test_calibration_too_short(tmp_path, capsys):
     _assert_clean_failure(*_run(args, capsys), out, "fewer than --seqlen")
 
 
+def test_refit_rounds_without_refit(tmp_path, capsys):
+    out = tmp_path / "o.ir"
+    _assert_clean_failure(*_run(export_args(out, "--refit-rounds", "3", method="admmq"), capsys), out,
+                          "--refit-rounds 3", "--refit")
+
+
 def test_unwritable_output(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -34,3 +34,12 @@ def test_check_ir_and_eval_json(tmp_path, capsys):
     flat["model.layers.0.mlp.up_proj.weight.codes"][0, 0] ^= 1
     save_file(flat, str(st), metadata={"format": "admmq-ir"})
     assert main(["check", str(out)]) == 1
+
+
+def test_refit_rounds_reach_the_quantizer():
+    """--refit-rounds is passed to ADMM-Q (and so recorded in the IR's method options); one refit by default."""
+    from admmq_export.cli import _export_parser, _method_options
+
+    base = ["m", "--to", "ir", "-o", "x", "--method", "admmq", "--refit"]
+    assert _method_options(_export_parser().parse_args(base))["refit_rounds"] == 1
+    assert _method_options(_export_parser().parse_args(base + ["--refit-rounds", "3"]))["refit_rounds"] == 3

@@ -369,3 +369,17 @@ def test_refit_row_chunks_change_nothing(monkeypatch, t):
     monkeypatch.setattr(rf, "SYSTEM_CHUNK_BYTES", 1)
     rows = rf.refit(grid, codes, W, H, current=cur)
     assert whole.keys() == rows.keys() and all(torch.equal(whole[k], rows[k]) for k in whole)
+
+
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_K"])
+def test_alternating_refit_never_raises_the_objective(t):
+    """refit_rounds > 1 (ADMM again on each refitted grid, polish, refit): the true objective of the stored result
+    is at most the single refit's, and at least one round is kept."""
+    grid = GGUF_GRIDS[t]
+    W, H = _problem(24, max(256, grid.group_size), seed=9)
+    one = get_quantizer("admmq")(W, H, grid, refit=True)
+    alt = get_quantizer("admmq")(W, H, grid, refit=True, refit_rounds=3)
+    assert alt.stats["refit_rounds_kept"] >= 1
+    assert alt.stats["f_final"] <= one.stats["f_final"] + 1e-9
+    assert _f(W, H, grid, alt) <= _f(W, H, grid, one) * (1 + 1e-6)
+    assert int(alt.codes.max()) <= grid.qmax

@@ -26,7 +26,9 @@
   `safety_net=True` also runs GPTQ (the caller's options) + local search and keeps the lower objective.
 * Grid refresh (§6, `refit=True`, off by default): scales/zeros (K-quants: sub-scales/mins under a new super-scale)
   refitted by H-weighted least squares for the final codes (quantizers/refit.py), codes re-projected and polished;
-  kept only when the objective drops.
+  kept only when the objective drops. `refit_rounds=k` alternates: after each kept refit, ADMM runs again on the
+  refitted grid from the current codes, then polish and refit once more; it stops at the first round that does
+  not lower the objective.
 """
 from __future__ import annotations
 
@@ -206,7 +208,7 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
                    check: int = 3, t_min: int = 30, schedule: str = "alps", precondition: bool = True,
                    local_search_sweeps: int = 3, local_search: bool = True, init: str = "rtn", safety_net: bool = False,
                    clip_search: bool = False, act_order: bool = False, static_groups: bool = False, trace: bool = False,
-                   refit: bool = False, solver: str = "cholesky", **_) -> QuantResult:
+                   refit: bool = False, refit_rounds: int = 1, solver: str = "cholesky", **_) -> QuantResult:
     if H is None:
         raise UserError("ADMM-Q needs calibration activations", "run it through the calibrated pipeline")
     if act_order:
@@ -248,13 +250,23 @@ def quantize_admmq(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, r
         st["f_admm"] = f_cur = f_codes(codes)
     params0 = params
     if refit and can_refit(grid, params):  # §6 grid refresh: refit scales/zeros for the codes, re-project, polish
-        new = refit_params(grid, codes, W_hat, Hd, current=params)
-        A2, O2 = (t.to(W_hat.device) for t in grid.column_affine(new, n))
-        c2, _ = polish(codes, A2, O2, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)  # the codes it was fitted for
-        f2 = _objective(A2, O2, c2, W_hat, Hd)
-        st["f_refit"] = f2
-        if f2 < f_cur:
+        st["refit_rounds_kept"] = 0
+        for r in range(max(1, refit_rounds)):
+            new = refit_params(grid, codes, W_hat, Hd, current=params)
+            A2, O2 = (t.to(W_hat.device) for t in grid.column_affine(new, n))
+            starts = [codes]
+            if r > 0:  # alternate: ADMM again on the refitted grid, from the current codes
+                As2, Os2 = A2 * d[None, :], O2 * d[None, :]
+                starts.append(admm(Bhat, Ht, wstep, As2, Os2, grid.qmax, As2 * codes + Os2, rho0, iters, check,
+                                   t_min, schedule)[0])
+            c2, f2 = min(((c, _objective(A2, O2, c, W_hat, Hd)) for c in
+                          (polish(c0, A2, O2, W_hat, Hd, grid.qmax, sweeps=local_search_sweeps)[0] for c0 in starts)),
+                         key=lambda x: x[1])
+            st.setdefault("f_refit", f2)
+            if f2 >= f_cur:
+                break
             codes, params, A, O, f_cur = c2.float(), new, A2, O2, f2
+            st["refit_rounds_kept"] = r + 1
     best, g_idx, st["f_final"], st["chosen"] = codes, None, f_cur, "admm"
     if st["f_init"] < st["f_final"]:
         best, params, st["f_final"], st["chosen"] = init_codes, params0, st["f_init"], f"init_{init}"
