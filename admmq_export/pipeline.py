@@ -46,7 +46,7 @@ class PipelineOptions:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a forward hook once the inputs it needs are captured: the rest of the forward is skipped."""
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -150,10 +150,6 @@ def _linear_groups(layer, inps, kw, device) -> list[list[str]]:
             groups.append([name])
         last = key
     return groups
-
-
-class _Stop(Exception):
-    """Raised by the Hessian hook: the rest of the layer's forward is not needed for this group."""
 
 
 def _hessian(layer, names: list[str], inps, kw, device, fp_layer=None, fp_inps=None):
