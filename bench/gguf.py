@@ -21,8 +21,9 @@ TARGET_PRESETS = ("q4_k_m", "q3_k_m", "q2_k")
 # llama.cpp's scale search) and the grid refresh (block scales refitted for the final codes); GPTQ as the reference
 # runs it
 METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"]}
-# asymmetric calibration (--asym-calib, GPTAQ-style) beside the plain rows, where the CPU budget allows it
-ASYM = {("smollm2", "q3_k_m")}
+# asymmetric calibration (--asym-calib, GPTAQ-style) beside the plain rows, where the CPU budget allows it (at up to
+# 32 calibration samples; a run at more keeps the rows recorded at 32, with their `calib`)
+ASYM = {("smollm2", "q3_k_m")} if CALIB_NSAMPLES <= 32 else set()
 ASYM_METHODS = {"gptq+asym": ["--asym-calib"], "admmq+asym": ["--clip-search", "--refit", "--asym-calib"]}
 # AutoRound's own GGUF export as a peer (issue 10), where the CPU budget allows it
 AUTOROUND = {("smollm2", "q4_k_m")}
@@ -157,9 +158,10 @@ def run(quick: bool = False) -> None:
     for model, presets in models:  # the section is rewritten after each preset: a run cut short keeps what it finished
         r, s = [], []
         for r, s in one_model(model, presets, chunks, nsamples, seqlen):
-            fresh = {_model_preset(x) for x in rows + r}
-            keep = [x for x in old if _model_preset(x) not in fresh]
-            keep_s = [x for x in old_summary if _model_preset(x) not in fresh]
+            fresh = {_row_key(x) for x in rows + r}  # a recorded row is replaced only by a new row of the same file
+            keep = [x for x in old if _row_key(x) not in fresh]
+            fresh_s = {_row_key(x) for x in summary + s}
+            keep_s = [x for x in old_summary if _row_key(x) not in fresh_s]
             note = f" This run: `{knobs}python -m bench --suite gguf{' --quick' if quick else ''}`."
             if keep:
                 note += (f" Rows not rerun this time ({len(keep)}) are kept from an earlier run of this suite on "
@@ -169,9 +171,9 @@ def run(quick: bool = False) -> None:
         rows, summary = rows + r, summary + s
 
 
-def _model_preset(row: dict) -> tuple:
-    """(model, PRESET) of a table or summary row; the f32 row has no preset (None)."""
-    return row["model"], (row.get("preset") or "").upper() or None
+def _row_key(row: dict) -> tuple:
+    """(model, PRESET, file or method) of a table or summary row; the f32 row has no preset (None)."""
+    return row["model"], (row.get("preset") or "").upper() or None, row.get("file") or row.get("method")
 
 
 def _save(rows, summary, quick, chunks, t, note="") -> None:
