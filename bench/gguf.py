@@ -26,8 +26,10 @@ METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"]}
 ASYM = {("smollm2", "q3_k_m")} if CALIB_NSAMPLES <= 32 else set()
 ASYM_METHODS = {"gptq+asym": ["--asym-calib"], "admmq+asym": ["--clip-search", "--refit", "--asym-calib"]}
 # AutoRound's own GGUF export as a peer (issue 10), where the CPU budget allows it
-AUTOROUND = {("smollm2", "q4_k_m")}
+AUTOROUND = {("smollm2", "q4_k_m"), ("smollm2", "q3_k_m"), ("smollm2", "q2_k")}
 AUTOROUND_ITERS = 50  # as in the quality suite (its default, 200, is ~4x the CPU time)
+# auto-round's scheme name per preset where it is not gguf:<preset> (it has no plain q2_k mix; q2_k_s is the nearest)
+AUTOROUND_SCHEME = {"q2_k": "gguf:q2_k_s"}
 
 
 def _tool(name: str) -> str:
@@ -131,7 +133,7 @@ def _autoround_row(model: str, preset: str, d: Path, chunks: int, base: Path, ns
     """AutoRound (its defaults for the scheme, on CPU, our calibration windows) exported with its own GGUF writer;
     measured by llama.cpp like every other file, and by our loader (the file's weights dequantized by gguf-py)."""
     out = d / f"autoround-{preset}.gguf"
-    res = autoround(model, out, f"gguf:{preset}", nsamples, seqlen, AUTOROUND_ITERS)
+    res = autoround(model, out, AUTOROUND_SCHEME.get(preset, f"gguf:{preset}"), nsamples, seqlen, AUTOROUND_ITERS)
     row = {"model": model, "file": f"AutoRound {preset.upper()} (its GGUF exporter)", "preset": preset,
            "method": "autoround", "options": f"iters={AUTOROUND_ITERS}"}
     if "error" in res:
@@ -167,7 +169,7 @@ def run(quick: bool = False) -> None:
                 note += (f" Rows not rerun this time ({len(keep)}) are kept from an earlier run of this suite on "
                          f"{', '.join(sorted({x['machine_cpu'] for x in keep}))}, with the calibration in their `calib` "
                          "column and the ADMM-Q options in their `options` column (blank: none).")
-            _save(rows + r + keep, summary + s + keep_s, quick, chunks, t, note)
+            _save(rows + r + keep, summary + s + keep_s, quick, chunks, time.time() - t, note)
         rows, summary = rows + r, summary + s
 
 
@@ -176,7 +178,25 @@ def _row_key(row: dict) -> tuple:
     return row["model"], (row.get("preset") or "").upper() or None, row.get("file") or row.get("method")
 
 
-def _save(rows, summary, quick, chunks, t, note="") -> None:
+def _size_note(rows) -> str:
+    """A sentence naming each AutoRound file whose size differs from llama.cpp's file of the same preset ('' if none)."""
+    ref = {(r["model"], r["preset"].upper()): r["MiB"] for r in rows
+           if r.get("file", "").startswith("llama.cpp") and "imatrix" not in r["file"] and "MiB" in r}
+    odd = [f"{r['preset'].upper()} {r['MiB']:.2f} MiB vs {ref[k]:.2f}" for r in rows
+           if r.get("method") == "autoround" and "MiB" in r and (k := (r["model"], r["preset"].upper())) in ref
+           and abs(r["MiB"] - ref[k]) > 0.5]
+    return ("" if not odd else " AutoRound writes its own tensor-type mix for a preset, which differs from llama.cpp's "
+            f"where the sizes differ ({'; '.join(odd)} for llama.cpp's file): those rows are not a same-size comparison.")
+
+
+def rerender() -> None:
+    """Rewrite the section from its recorded JSON (after a change to the text; no measurement is repeated)."""
+    d = recorded("gguf")
+    _save(d["rows"], d["summary"], d.get("quick", False), d["chunks"], d["total_s"], d["note"], d["machine"])
+
+
+def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
+    mach = mach or machine()
     _plot([r for r in rows if r["model"] == "smollm2"])
     md = [f"## GGUF vs llama.cpp's quantizer (`python -m bench --suite gguf{' --quick' if quick else ''}`)", "",
           f"SmolLM2-135M and Gemma-3-270M. Every perplexity and KLD is computed by llama.cpp's `llama-perplexity` (ctx 512, "
@@ -187,12 +207,12 @@ def _save(rows, summary, quick, chunks, t, note="") -> None:
           f"the final codes by H-weighted least squares, K-quant sub-scales/mins as integers under a refitted fp16 "
           f"super-scale).{note} Our files are written from the IR (codes packed, never re-rounded); "
           "llama.cpp's from the f32 GGUF we wrote, with `llama-quantize [--imatrix]`. `seconds`: llama-quantize, or our "
-          "whole export (model load, calibration forward passes, quantizer, packing). AutoRound (SmolLM2 Q4_K_M): "
-          f"auto-round's own scheme for the preset with iters={AUTOROUND_ITERS} (its default 200 is ~4x the CPU time), batch 4, on "
+          "whole export (model load, calibration forward passes, quantizer, packing). AutoRound (SmolLM2 Q4_K_M, Q3_K_M, Q2_K): "
+          f"auto-round's own scheme for the preset (Q2_K: its nearest, gguf:q2_k_s) with iters={AUTOROUND_ITERS} (its default 200 is ~4x the CPU time), batch 4, on "
           "our calibration windows, written by its own GGUF exporter; its `ppl_ir` is our evaluation of that file's weights "
           "(dequantized by gguf-py). `GPTQ+ASYM` / `ADMMQ+ASYM` (SmolLM2 Q3_K_M): the same methods with `--asym-calib` "
           "(GPTAQ-style asymmetric calibration: each linear fitted to the original model's outputs from the quantized "
-          "model's inputs). "
+          f"model's inputs).{_size_note(rows)} "
           "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
           md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "ppl_ir", "seconds"]), "",
           "`ppl_ir`: our own evaluation (fp32 torch, the same windows) of the weights the file holds, from our IR (f32 "
@@ -202,8 +222,9 @@ def _save(rows, summary, quick, chunks, t, note="") -> None:
           "excess over f32 (share ≥ 0.5; negative: worse than the imatrix file).", "",
           md_table(summary, ["model", "calib", "preset", "method", "ppl", "imatrix_ppl", "share_of_imatrix_excess_removed",
                              "target_met(≥0.5)"]),
-          "", "![ppl vs size](bench/plots/gguf_ppl.png)", "", f"Total {time.time() - t:.0f} s. Machine: {machine()}"]
-    save_section("gguf", "\n".join(md), {"rows": rows, "summary": summary, "machine": machine()})
+          "", "![ppl vs size](bench/plots/gguf_ppl.png)", "", f"Total {total_s:.0f} s. Machine: {mach}"]
+    save_section("gguf", "\n".join(md), {"rows": rows, "summary": summary, "machine": mach, "quick": quick,
+                                         "chunks": chunks, "total_s": total_s, "note": note})
 
 
 def _plot(rows) -> None:
@@ -217,3 +238,11 @@ def _plot(rows) -> None:
                                  ("GPTQ", "GPTQ"), ("ADMM-Q", "ADMMQ"), ("AutoRound", "AutoRound"))}
     ppl_plot("gguf_ppl.png", series, rows[0]["ppl"], "f32", "file size (MiB)", "WikiText-2 perplexity (llama.cpp)",
              "SmolLM2-135M GGUF: perplexity vs size", "o-")
+
+
+if __name__ == "__main__":  # python -m bench.gguf --rerender
+    import sys
+
+    if sys.argv[1:] != ["--rerender"]:
+        sys.exit("usage: python -m bench.gguf --rerender   (the suite itself runs with python -m bench --suite gguf)")
+    rerender()
