@@ -63,6 +63,9 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="asymmetric calibration (GPTAQ-style): fit each linear to the original model's output from the quantized model's input (a second, full-precision forward stream)")
     p.add_argument("--safety-net", action="store_true",
                    help="ADMM-Q: also run GPTQ + local search and keep the lower layer objective")
+    p.add_argument("--tune-steps", type=int, default=0,
+                   help="after quantizing: tune the grids' float fields (fp16 scales/mins; codes and integer fields fixed) and the norm weights end-to-end for N steps, KL to the original model on the calibration windows; kept only if KL on held-out calibration windows drops (default 0: off)")
+    p.add_argument("--tune-lr", type=float, default=1e-4, help="with --tune-steps: Adam learning rate (default 1e-4)")
     p.add_argument("--onnx-scale-dtype", default="fp32", choices=["fp32", "fp16"],
                    help="--to onnx: DequantizeLinear scale dtype; fp32 (default) is exact, fp16 makes the weight fp16((q-z)*s)")
     p.add_argument("--json-report", default=None, help="write per-layer statistics as JSON here")
@@ -98,6 +101,23 @@ def _check_finite(model) -> None:
             raise UserError(f"weight {name} contains NaN or Inf values", "repair or re-download the model; it cannot be quantized")
 
 
+def _check_tune(a) -> None:
+    from .tune import HELD_OUT
+
+    if a.tune_steps < 0 or (a.tune_steps and not a.tune_lr > 0):
+        raise UserError(f"--tune-steps {a.tune_steps} / --tune-lr {a.tune_lr}: need a step count >= 0 and a positive rate",
+                        "pass e.g. --tune-steps 128 --tune-lr 1e-4, or leave both out")
+    if a.tune_steps and a.nsamples <= HELD_OUT:
+        raise UserError(f"--tune-steps needs more than {HELD_OUT} calibration samples ({HELD_OUT} are held out), got --nsamples {a.nsamples}",
+                        f"use --nsamples {2 * HELD_OUT} or more")
+
+
+def _tune_summary(t: dict) -> str:
+    verdict = "kept" if t["kept"] else "discarded (no held-out gain)"
+    return (f"{t['steps']} steps on {t['tensors']} tensors + {t['norms']} norms, held-out KL "
+            f"{t['heldout_kl_before']:.4g} -> {t['heldout_kl_after']:.4g}: {verdict}, {t['seconds']:.0f}s")
+
+
 def cmd_export(argv) -> int:
     import torch
 
@@ -120,6 +140,7 @@ def cmd_export(argv) -> int:
     elif a.onnx_scale_dtype != "fp32":
         raise UserError(f"--onnx-scale-dtype applies to --to onnx, not --to {a.to}", "drop --onnx-scale-dtype")
     plan = conv.planned(typ, QuantOptions(a.bits, a.group_size, a.sym), a.fallback)
+    _check_tune(a)
     t0 = time.time()
     lm = load_model(a.model)
     _check_finite(lm.model)
@@ -144,6 +165,12 @@ def cmd_export(argv) -> int:
     opts = PipelineOptions(a.method, _method_options(a), a.device, state, a.resume, not a.quiet, a.asym_calib)
     ir, stats = quantize_model(lm.model, samples, plan, opts, meta)
     ir.gguf_tokenizer = lm.gguf_tokenizer
+    report = {f"fallback {k}": v for k, v in plan.fallbacks.items()}
+    if a.tune_steps:
+        from .tune import tune_ir
+
+        ir.meta["tune"] = tune_ir(ir, load_model(a.model).model, samples, a.tune_steps, a.tune_lr, not a.quiet)
+        report["tune"] = _tune_summary(ir.meta["tune"])
     import tempfile
 
     with tempfile.TemporaryDirectory() as tdir:
@@ -152,7 +179,6 @@ def cmd_export(argv) -> int:
         ir_out = ir_path_for(out) if conv.name != "ir" else out
         ir.save(ir_out)
         ir.tokenizer_dir = ir_out / "tokenizer"
-    report = {f"fallback {k}": v for k, v in plan.fallbacks.items()}
     if conv.name != "ir":
         with atomic_path(out, directory=conv.output_is_dir) as tmp:
             report.update(conv.write(ir, tmp, typ) or {})

@@ -1,0 +1,138 @@
+"""End-to-end tuning of a quantized model's float fields, codes fixed (`--tune-steps N`).
+
+The layer-wise quantizers minimise each linear's own error; what a user measures is the whole model's output.
+After the pipeline, this pass adjusts only what the target format stores as floats and the quantizer did not
+choose as integers: each grid's floating parameters (GGUF `d`/`dmin`/`m`, GPTQ/Marlin/ONNX group scales; integer
+codes, zero points and K-quant sub-scales stay as they are) and the norm weights (stored as float in every
+format), to minimise KL(original || quantized) of the next-token distributions on the calibration windows.
+Adam, one window per step; grid fields move by a relative factor (1 + s), norms additively. The result is
+rounded to each field's storage dtype, so the IR stays exact and every converter still only packs it.
+
+Guard: KL on a few held-out calibration windows (not used for steps) is measured before and after with the
+exact, stored weights; the tuned fields are kept only if it dropped.
+Token embeddings and an untied output head are not tuned.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import UserError
+from .ir import QuantizedModel
+
+HELD_OUT = 4  # calibration windows kept for the guard (the last ones)
+
+
+def _kl(teacher_lp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    lp = F.log_softmax(student_logits.float(), -1)
+    return (teacher_lp.exp() * (teacher_lp - lp)).sum(-1).mean()
+
+
+@torch.no_grad()
+def _mean_kl(student, teacher, windows) -> float:
+    total = 0.0
+    for ids in windows:
+        ids = ids.unsqueeze(0)
+        t = F.log_softmax(teacher(ids, use_cache=False).logits[0].float(), -1)
+        total += float(_kl(t, student(ids, use_cache=False).logits[0]))
+    return total / max(len(windows), 1)
+
+
+class _Tunable:
+    """One quantized linear whose weight is rebuilt from its fixed codes and trainable float fields."""
+
+    def __init__(self, mod: torch.nn.Linear, ql):
+        self.mod, self.ql = mod, ql
+        self.base = {k: v.float() for k, v in ql.params.items()}
+        self.factors = {k: torch.zeros_like(self.base[k], requires_grad=True)
+                        for k, v in ql.params.items() if v.is_floating_point()}
+        self.codes = ql.codes.float()
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        p = dict(self.base)
+        for k, s in self.factors.items():
+            p[k] = self.base[k] * (1 + s)
+        return p
+
+    def install(self):
+        def forward(x):
+            a, b = self.ql.grid.column_affine(self.fields(), self.codes.shape[1], self.ql.g_idx)
+            return F.linear(x, a * self.codes + b, self.mod.bias)
+
+        self.mod.forward = forward
+
+    def store(self):
+        """Round the tuned fields to their storage dtype and put the exact weight back in the module."""
+        with torch.no_grad():
+            tuned = self.fields()
+            for k in self.factors:
+                self.ql.params[k] = tuned[k].to(self.ql.params[k].dtype)
+            del self.mod.forward  # back to nn.Linear.forward
+            self.mod.weight.data.copy_(self.ql.dequant().float())
+
+
+def tune_ir(ir: QuantizedModel, teacher, samples: torch.Tensor, steps: int, lr: float = 1e-4,
+            progress: bool = True) -> dict:
+    """Tune `ir` in place (float fields of its decoder linears and its norm weights); returns statistics."""
+    from .fakequant import model_from_ir
+
+    if steps <= 0:
+        raise UserError(f"--tune-steps must be positive, not {steps}", "pass --tune-steps N with N >= 1, or leave it out")
+    if samples.shape[0] <= HELD_OUT:
+        raise UserError(f"--tune-steps needs more than {HELD_OUT} calibration samples, got {samples.shape[0]}",
+                        f"use --nsamples {HELD_OUT + 4} or more")
+    train, held = samples[:-HELD_OUT], samples[-HELD_OUT:]
+    teacher = teacher.eval()
+    student = model_from_ir(ir)
+    for p in list(student.parameters()) + list(teacher.parameters()):
+        p.requires_grad_(False)
+    mods = dict(student.named_modules())
+    tunables = [_Tunable(mods[k[: -len(".weight")]], ql) for k, ql in ir.linears.items()
+                if k.startswith("model.layers.") and k[: -len(".weight")] in mods]
+    tunables = [t for t in tunables if t.factors]
+    norms = {n: p for n, p in student.named_parameters() if "norm" in n and n in ir.tensors}
+    base_norms = {n: p.detach().clone() for n, p in norms.items()}
+    kl_before = _mean_kl(student, teacher, held)
+    for t in tunables:
+        t.install()
+    for p in norms.values():
+        p.requires_grad_(True)
+    params = [s for t in tunables for s in t.factors.values()] + list(norms.values())
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    t0 = time.time()
+    bar = tqdm(range(steps), desc="tune", unit="step", disable=not progress)
+    for step in bar:
+        ids = train[step % len(train)].unsqueeze(0)
+        with torch.no_grad():
+            tl = F.log_softmax(teacher(ids, use_cache=False).logits[0].float(), -1)
+        loss = _kl(tl, student(ids, use_cache=False).logits[0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    for p in norms.values():
+        p.requires_grad_(False)
+    originals = [{k: v.clone() for k, v in t.ql.params.items()} for t in tunables]
+    for t in tunables:
+        t.store()
+    kl_after = _mean_kl(student, teacher, held)
+    kept = kl_after < kl_before
+    if kept:
+        for n, p in norms.items():
+            ir.tensors[n] = p.detach().float().clone()
+    else:  # no gain on the held-out windows: the layer-wise result stands
+        for t, orig in zip(tunables, originals):
+            t.ql.params.update(orig)
+        for n in norms:
+            ir.tensors[n] = base_norms[n]
+    k = max(1, min(8, steps // 4))
+    return {"steps": steps, "lr": lr, "tensors": len(tunables), "norms": len(norms),
+            "fields": sum(s.numel() for t in tunables for s in t.factors.values()),
+            "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+            "heldout_kl_before": kl_before, "heldout_kl_after": kl_after, "kept": kept,
+            "seconds": round(time.time() - t0, 2)}
