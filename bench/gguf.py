@@ -20,7 +20,9 @@ TARGET_PRESETS = ("q4_k_m", "q3_k_m", "q2_k")
 # our methods and their options: ADMM-Q with the diag(H)-weighted clipping search for the grid (the imatrix's role in
 # llama.cpp's scale search) and the grid refresh (block scales refitted for the final codes); GPTQ as the reference
 # runs it
-METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"]}
+METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"],
+           # and then the float fields (fp16 d/dmin) and norms tuned end to end, codes fixed: one pass over the windows
+           "admmq+tune": ["--clip-search", "--refit", "--tune-steps", str(CALIB_NSAMPLES), "--tune-lr", "1e-4"]}
 # asymmetric calibration (--asym-calib, GPTAQ-style) beside the plain rows, where the CPU budget allows it (at up to
 # 32 calibration samples; a run at more keeps the rows recorded at 32, with their `calib`)
 ASYM = {("smollm2", "q3_k_m")} if CALIB_NSAMPLES <= 32 else set()
@@ -105,14 +107,16 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
                         "preset": preset, "seconds": time.time() - ts, "MiB": out.stat().st_size / 2**20,
                         **perplexity(out, chunks, kld_base=base)})
         methods = {**METHODS, **(ASYM_METHODS if (model, preset) in ASYM else {})}
+        methods = {k: v for k, v in methods.items() if _picked(k)}
         for method, opts in methods.items():
             out = d / f"ours-{method}-{preset}.gguf"
             rep = export(model, f"gguf:{preset}", out, "--method", method.split("+")[0], *opts, *calib)
             new.append({"model": model, "file": f"admmq-export {method.upper()} {preset.upper()}", "preset": preset,
                         "method": method, "options": " ".join(opts), "seconds": rep["wall_seconds"],
                         "MiB": out.stat().st_size / 2**20, **perplexity(out, chunks, kld_base=base),
-                        "ppl_ir": evaluate(f"{out}.ir", WIKI, "llamacpp", chunks)["ppl"]})
-        if (model, preset) in AUTOROUND:
+                        "ppl_ir": evaluate(f"{out}.ir", WIKI, "llamacpp", chunks)["ppl"],
+                        **({"tune": rep["report"]["tune"]} if "tune" in rep.get("report", {}) else {})})
+        if (model, preset) in AUTOROUND and _picked("autoround"):
             new.append(_autoround_row(model, preset, d, chunks, base, nsamples, seqlen))
         for r in new:
             r["excess"] = r["ppl"] - rows[0]["ppl"] if "ppl" in r else None
@@ -127,6 +131,13 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
                                 "share_of_imatrix_excess_removed": removed,
                                 "target_met(≥0.5)": removed >= 0.5 if preset in TARGET_PRESETS else "-"})
         yield rows, summary
+
+
+def _picked(method: str) -> bool:
+    """BENCH_GGUF_METHODS=admmq+tune,autoround reruns only these of our methods and peers (llama.cpp's rows, cheap,
+    always run: every share is computed against a fresh imatrix row); unset: all."""
+    pick = os.environ.get("BENCH_GGUF_METHODS")
+    return not pick or method in pick.split(",")
 
 
 def _autoround_row(model: str, preset: str, d: Path, chunks: int, base: Path, nsamples: int, seqlen: int) -> dict:
@@ -151,10 +162,10 @@ def run(quick: bool = False) -> None:
         pick = dict((x.split(":") + [""])[:2] for x in only.split(","))
         # in the order given, so the presets that matter most can run first
         models = [(m, [q for q in pick[m].split("+") if q in p] if pick[m] else p) for m, p in models if m in pick]
-    prev = recorded("gguf") if only else {}
+    prev = recorded("gguf") if only or os.environ.get("BENCH_GGUF_METHODS") else {}
     old = mark_kept(prev.get("rows", []), prev)
     old_summary = prev.get("summary", [])
-    knobs = run_knobs("BENCH_NSAMPLES", "BENCH_GGUF_ONLY", "BENCH_REUSE")
+    knobs = run_knobs("BENCH_NSAMPLES", "BENCH_GGUF_ONLY", "BENCH_GGUF_METHODS", "BENCH_REUSE")
     t = time.time()
     rows, summary = [], []
     for model, presets in models:  # the section is rewritten after each preset: a run cut short keeps what it finished
@@ -212,7 +223,14 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
           "our calibration windows, written by its own GGUF exporter; its `ppl_ir` is our evaluation of that file's weights "
           "(dequantized by gguf-py). `GPTQ+ASYM` / `ADMMQ+ASYM` (SmolLM2 Q3_K_M): the same methods with `--asym-calib` "
           "(GPTAQ-style asymmetric calibration: each linear fitted to the original model's outputs from the quantized "
-          f"model's inputs).{_size_note(rows)} "
+          "model's inputs). `ADMMQ+TUNE`: ADMM-Q as above, then `--tune-steps` (one step per calibration window): the "
+          "fp16 block fields the format stores as floats (`d`, `dmin`; codes, sub-scales and mins fixed) and the norm "
+          "weights tuned end to end by Adam on KL to the original model over the calibration windows, kept only if KL "
+          "on 4 held-out calibration windows drops; its `seconds` include that pass."
+          " A rerun re-measures llama.cpp's own rows; its tools are built for the host (GGML_NATIVE) and their "
+          "perplexities can move by ~0.1 between builds, so each share below is computed against the imatrix file "
+          "measured in the same run as the row (its `imatrix_ppl`)."
+          f"{_size_note(rows)} "
           "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
           md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "ppl_ir", "seconds"]), "",
           "`ppl_ir`: our own evaluation (fp32 torch, the same windows) of the weights the file holds, from our IR (f32 "
@@ -231,11 +249,14 @@ def _plot(rows) -> None:
     def pick(key):
         if key == "llama.cpp":
             return lambda f: f.startswith("llama.cpp") and "imatrix" not in f
+        if key == "ADMMQ":
+            return lambda f: "ADMMQ " in f
         return lambda f: key in f and "+ASYM" not in f  # the asymmetric-calibration rows are not a series
 
     series = {label: [(r["MiB"], r["ppl"]) for r in rows if "MiB" in r and "ppl" in r and pick(key)(r["file"])]
               for label, key in (("llama.cpp", "llama.cpp"), ("llama.cpp + imatrix", "imatrix"), ("RTN", "RTN"),
-                                 ("GPTQ", "GPTQ"), ("ADMM-Q", "ADMMQ"), ("AutoRound", "AutoRound"))}
+                                 ("GPTQ", "GPTQ"), ("ADMM-Q", "ADMMQ"), ("ADMM-Q + tune", "ADMMQ+TUNE"),
+                                 ("AutoRound", "AutoRound"))}
     ppl_plot("gguf_ppl.png", series, rows[0]["ppl"], "f32", "file size (MiB)", "WikiText-2 perplexity (llama.cpp)",
              "SmolLM2-135M GGUF: perplexity vs size", "o-")
 
