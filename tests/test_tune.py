@@ -60,15 +60,20 @@ def test_guard_discards_a_tuning_that_does_not_help(tmp_path, stories):
     assert ir.manifest() == before.manifest()
 
 
-def test_cli_tune_writes_an_exact_gguf(tmp_path, capsys):
-    """--tune-steps through the CLI: the report names the outcome, the IR records it, and the written GGUF still
-    dequantizes bit-exactly to the (tuned) IR."""
-    out = tmp_path / "t.gguf"
-    assert main(export_args(out, "--nsamples", "12", "--tune-steps", "16", "--tune-lr", "1e-3", to="gguf:q4_0")) == 0
+# GGUF Q4_0 (fp16 d per 32) and GPTQ (fp16 scales, integer zeros; with --fallback keep, only the tensors its one
+# group size fits): stories' down_proj (in-dim 172) stays float there,
+# not a grid; ONNX (fp32 scales) holds it per channel
+@pytest.mark.parametrize("to,name,n,extra", [("gguf:q4_0", "t.gguf", 30, ()), ("gptq", "t-gptq", 20, ("--fallback", "keep")),
+                                             ("onnx", "t.onnx", 35, ())])
+def test_cli_tune_writes_an_exact_file(tmp_path, capsys, to, name, n, extra):
+    """--tune-steps through the CLI: the report names the outcome, the IR records it, and the written file still
+    holds exactly the (tuned) IR's weights, read back by the format's own checker."""
+    out = tmp_path / name
+    assert main(export_args(out, "--asym", "--nsamples", "12", "--tune-steps", "16", "--tune-lr", "1e-3", *extra, to=to)) == 0
     printed = capsys.readouterr().out
-    assert "tune: 16 steps on 30 tensors + 11 norms" in printed  # down_proj falls back to F16: not a grid
+    assert f"tune: 16 steps on {n} tensors + 11 norms" in printed
     ir = QuantizedModel.load(out.with_name(out.name + ".ir"))
-    assert ir.meta["tune"]["steps"] == 16 and ir.meta["tune"]["lr"] == 1e-3
+    assert ir.meta["tune"]["steps"] == 16 and ir.meta["tune"]["lr"] == 1e-3 and ir.meta["tune"]["kept"]
     assert main(["check", str(out), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["tensors"]
     assert rows and all(r["exact"] for r in rows if r["status"] != "unavailable")
