@@ -101,17 +101,6 @@ def _check_finite(model) -> None:
             raise UserError(f"weight {name} contains NaN or Inf values", "repair or re-download the model; it cannot be quantized")
 
 
-def _check_tune(a) -> None:
-    from .tune import HELD_OUT
-
-    if a.tune_steps < 0 or (a.tune_steps and not a.tune_lr > 0):
-        raise UserError(f"--tune-steps {a.tune_steps} / --tune-lr {a.tune_lr}: need a step count >= 0 and a positive rate",
-                        "pass e.g. --tune-steps 128 --tune-lr 1e-4, or leave both out")
-    if a.tune_steps and a.nsamples <= HELD_OUT:
-        raise UserError(f"--tune-steps needs more than {HELD_OUT} calibration samples ({HELD_OUT} are held out), got --nsamples {a.nsamples}",
-                        f"use --nsamples {2 * HELD_OUT} or more")
-
-
 def _tune_summary(t: dict) -> str:
     verdict = "kept" if t["kept"] else "discarded (no held-out gain)"
     return (f"{t['steps']} steps on {t['tensors']} tensors + {t['norms']} norms, held-out KL "
@@ -130,6 +119,8 @@ def cmd_export(argv) -> int:
     from .models import load_model
     from .paths import atomic_path, check_writable
     from .pipeline import PipelineOptions, quantize_model
+    from .tune import check_options as check_tune_options
+    from .tune import tune_ir
 
     a = _export_parser().parse_args(argv)
     out = Path(a.output)
@@ -140,7 +131,7 @@ def cmd_export(argv) -> int:
     elif a.onnx_scale_dtype != "fp32":
         raise UserError(f"--onnx-scale-dtype applies to --to onnx, not --to {a.to}", "drop --onnx-scale-dtype")
     plan = conv.planned(typ, QuantOptions(a.bits, a.group_size, a.sym), a.fallback)
-    _check_tune(a)
+    check_tune_options(a.tune_steps, a.tune_lr, a.nsamples)
     t0 = time.time()
     lm = load_model(a.model)
     _check_finite(lm.model)
@@ -167,8 +158,6 @@ def cmd_export(argv) -> int:
     ir.gguf_tokenizer = lm.gguf_tokenizer
     report = {f"fallback {k}": v for k, v in plan.fallbacks.items()}
     if a.tune_steps:
-        from .tune import tune_ir
-
         ir.meta["tune"] = tune_ir(ir, load_model(a.model).model, samples, a.tune_steps, a.tune_lr, not a.quiet)
         report["tune"] = _tune_summary(ir.meta["tune"])
     import tempfile

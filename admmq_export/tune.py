@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import UserError
+from .evaluate import Windows, perplexity
 from .ir import QuantizedModel
 
 HELD_OUT = 4  # calibration windows kept for the guard (the last ones)
@@ -31,14 +32,19 @@ def _kl(teacher_lp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     return (teacher_lp.exp() * (teacher_lp - lp)).sum(-1).mean()
 
 
-@torch.no_grad()
-def _mean_kl(student, teacher, windows) -> float:
-    total = 0.0
-    for ids in windows:
-        ids = ids.unsqueeze(0)
-        t = F.log_softmax(teacher(ids, use_cache=False).logits[0].float(), -1)
-        total += float(_kl(t, student(ids, use_cache=False).logits[0]))
-    return total / max(len(windows), 1)
+def _heldout_kl(student, teacher, windows: torch.Tensor) -> float:
+    """Mean next-token KL(teacher || student) over the windows' positions that have a next token (evaluate.perplexity's KLD)."""
+    return perplexity(student, Windows(windows, 0), reference=teacher)["kld"]
+
+
+def check_options(steps: int, lr: float, nsamples: int) -> None:
+    """The CLI's options for this pass (steps 0: off), checked before any work is done."""
+    if steps < 0 or (steps and not lr > 0):
+        raise UserError(f"--tune-steps {steps} / --tune-lr {lr}: need a step count >= 0 and a positive rate",
+                        "pass e.g. --tune-steps 128 --tune-lr 1e-4, or leave both out")
+    if steps and nsamples <= HELD_OUT:
+        raise UserError(f"--tune-steps needs more than {HELD_OUT} calibration samples ({HELD_OUT} are held out), "
+                        f"got --nsamples {nsamples}", f"use --nsamples {2 * HELD_OUT} or more")
 
 
 class _Tunable:
@@ -79,11 +85,9 @@ def tune_ir(ir: QuantizedModel, teacher, samples: torch.Tensor, steps: int, lr: 
     """Tune `ir` in place (float fields of its decoder linears and its norm weights); returns statistics."""
     from .fakequant import model_from_ir
 
-    if steps <= 0:
-        raise UserError(f"--tune-steps must be positive, not {steps}", "pass --tune-steps N with N >= 1, or leave it out")
-    if samples.shape[0] <= HELD_OUT:
-        raise UserError(f"--tune-steps needs more than {HELD_OUT} calibration samples, got {samples.shape[0]}",
-                        f"use --nsamples {HELD_OUT + 4} or more")
+    check_options(steps, lr, samples.shape[0])
+    if steps == 0:
+        raise UserError("tune_ir was asked for 0 steps", "pass --tune-steps N with N >= 1, or leave it out")
     train, held = samples[:-HELD_OUT], samples[-HELD_OUT:]
     teacher = teacher.eval()
     student = model_from_ir(ir)
@@ -95,7 +99,7 @@ def tune_ir(ir: QuantizedModel, teacher, samples: torch.Tensor, steps: int, lr: 
     tunables = [t for t in tunables if t.factors]
     norms = {n: p for n, p in student.named_parameters() if "norm" in n and n in ir.tensors}
     base_norms = {n: p.detach().clone() for n, p in norms.items()}
-    kl_before = _mean_kl(student, teacher, held)
+    kl_before = _heldout_kl(student, teacher, held)
     for t in tunables:
         t.install()
     for p in norms.values():
@@ -117,10 +121,10 @@ def tune_ir(ir: QuantizedModel, teacher, samples: torch.Tensor, steps: int, lr: 
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     for p in norms.values():
         p.requires_grad_(False)
-    originals = [{k: v.clone() for k, v in t.ql.params.items()} for t in tunables]
+    originals = [dict(t.ql.params) for t in tunables]  # store() replaces the entries, never writes into them
     for t in tunables:
         t.store()
-    kl_after = _mean_kl(student, teacher, held)
+    kl_after = _heldout_kl(student, teacher, held)
     kept = kl_after < kl_before
     if kept:
         for n, p in norms.items():
