@@ -3,6 +3,7 @@ llama-quantize with and without an importance matrix (llama-imatrix on the same 
 file's perplexity and KL divergence measured BY llama.cpp (llama-perplexity, ctx 512, same chunks)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,8 +15,8 @@ from .common import (CALIB_NSAMPLES, OUT, WIKI, evaluate, export, machine, mark_
 from .autoround_peer import autoround
 from .llamacpp_tools import binary
 
-# (model, presets): SmolLM2 at the presets of the issue-9 target and Q4_0; Gemma-3 at Q4_K_M (CPU budget)
-MODELS = [("smollm2", ["q4_k_m", "q3_k_m", "q2_k", "q4_0"]), ("gemma3-270m", ["q4_k_m"])]
+# (model, presets): both models at the presets of the issue-9 target and Q4_0
+MODELS = [("smollm2", ["q4_k_m", "q3_k_m", "q2_k", "q4_0"]), ("gemma3-270m", ["q4_k_m", "q3_k_m", "q2_k", "q4_0"])]
 TARGET_PRESETS = ("q4_k_m", "q3_k_m", "q2_k")
 # our methods and their options: ADMM-Q with the diag(H)-weighted clipping search for the grid (the imatrix's role in
 # llama.cpp's scale search) and the grid refresh (block scales refitted for the final codes); GPTQ as the reference
@@ -89,6 +90,7 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
     export(model, "gguf:f32", f32, *calib)
     base = d / "f32.kld"
     rows = [{"model": model, "file": "f32 (ours, unquantized)", "bpw": 32.0, "calib": f"{nsamples} x {seqlen}",
+             "MiB": f32.stat().st_size / 2**20,
              **perplexity(f32, chunks, save_base=base), "ppl_ir": evaluate(model, WIKI, "llamacpp", chunks)["ppl"]}]
     rows[0]["excess"] = 0.0
     ctext = calibration_text(model, d / "calib.txt", nsamples, seqlen)
@@ -115,6 +117,7 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
                         "method": method, "options": " ".join(opts), "seconds": rep["wall_seconds"],
                         "MiB": out.stat().st_size / 2**20, **perplexity(out, chunks, kld_base=base),
                         "ppl_ir": evaluate(f"{out}.ir", WIKI, "llamacpp", chunks)["ppl"],
+                        "types": rep["report"].get("gguf types"),
                         **({"tune": rep["report"]["tune"]} if "tune" in rep.get("report", {}) else {})})
         if (model, preset) in AUTOROUND and _picked("autoround"):
             new.append(_autoround_row(model, preset, d, chunks, base, nsamples, seqlen))
@@ -200,15 +203,33 @@ def _size_note(rows) -> str:
             f"where the sizes differ ({'; '.join(odd)} for llama.cpp's file): those rows are not a same-size comparison.")
 
 
+def _types_note(rows) -> str:
+    """A sentence giving the tensor types of each (model, preset) file we wrote ('' if no row records them)."""
+    types = {}
+    for r in rows:
+        if r.get("types") and r.get("preset"):
+            types.setdefault(f"{r['model']} {r['preset'].upper()}", r["types"])
+    return ("" if not types else " Tensor types of our files (llama.cpp's preset rule, so the same as its own file's; "
+            "a tensor whose in-dim a K-quant's 256-blocks do not divide takes llama.cpp's fallback type, which at "
+            f"SmolLM2's 576 and Gemma-3's 640 is most of them): {'; '.join(f'{k}: {v}' for k, v in types.items())}.")
+
+
 def rerender() -> None:
     """Rewrite the section from its recorded JSON (after a change to the text; no measurement is repeated)."""
     d = recorded("gguf")
+    for r in d["rows"]:  # an f32 row recorded before its size was: the size of that file, where it is still on disk
+        f = OUT / "gguf" / r["model"] / "f32.gguf"
+        if r["file"].startswith("f32") and "MiB" not in r and f.exists():
+            r["MiB"] = f.stat().st_size / 2**20
+        rep = OUT / "gguf" / r["model"] / f"ours-{r.get('method')}-{r.get('preset')}.gguf.report.json"
+        if r.get("method") and "types" not in r and rep.exists():  # a row recorded before its tensor types were
+            r["types"] = json.loads(rep.read_text())["report"].get("gguf types")
     _save(d["rows"], d["summary"], d.get("quick", False), d["chunks"], d["total_s"], d["note"], d["machine"])
 
 
 def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
     mach = mach or machine()
-    _plot([r for r in rows if r["model"] == "smollm2"])
+    plots = {m: _plot([r for r in rows if r["model"] == m], m) for m, _ in MODELS}
     md = [f"## GGUF vs llama.cpp's quantizer (`python -m bench --suite gguf{' --quick' if quick else ''}`)", "",
           f"SmolLM2-135M and Gemma-3-270M. Every perplexity and KLD is computed by llama.cpp's `llama-perplexity` (ctx 512, "
           f"first {chunks} chunks of WikiText-2 test, KLD against the model's f32 file's logits). Calibration for us and "
@@ -230,7 +251,7 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
           " A rerun re-measures llama.cpp's own rows; its tools are built for the host (GGML_NATIVE) and their "
           "perplexities can move by ~0.1 between builds, so each share below is computed against the imatrix file "
           "measured in the same run as the row (its `imatrix_ppl`)."
-          f"{_size_note(rows)} "
+          f"{_size_note(rows)}{_types_note(rows)} "
           "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
           md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "ppl_ir", "seconds"]), "",
           "`ppl_ir`: our own evaluation (fp32 torch, the same windows) of the weights the file holds, from our IR (f32 "
@@ -240,12 +261,19 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
           "excess over f32 (share ≥ 0.5; negative: worse than the imatrix file).", "",
           md_table(summary, ["model", "calib", "preset", "method", "ppl", "imatrix_ppl", "share_of_imatrix_excess_removed",
                              "target_met(≥0.5)"]),
-          "", "![ppl vs size](bench/plots/gguf_ppl.png)", "", f"Total {total_s:.0f} s. Machine: {mach}"]
+          "", *[f"![{m} ppl vs bits per weight](bench/plots/{f})" for m, f in plots.items() if f], "", f"Total {total_s:.0f} s. Machine: {mach}"]
     save_section("gguf", "\n".join(md), {"rows": rows, "summary": summary, "machine": mach, "quick": quick,
                                          "chunks": chunks, "total_s": total_s, "note": note})
 
 
-def _plot(rows) -> None:
+PLOT_NAMES = {"smollm2": ("gguf_ppl.png", "SmolLM2-135M"), "gemma3-270m": ("gguf_ppl_gemma3.png", "Gemma-3-270M")}
+
+
+def _plot(rows, model: str) -> str | None:
+    """ppl vs bits per weight, one series per method, for one model; the PNG's name (None: no rows of that model)."""
+    if not rows:
+        return None
+
     def pick(key):
         if key == "llama.cpp":
             return lambda f: f.startswith("llama.cpp") and "imatrix" not in f
@@ -253,12 +281,18 @@ def _plot(rows) -> None:
             return lambda f: "ADMMQ " in f
         return lambda f: key in f and "+ASYM" not in f  # the asymmetric-calibration rows are not a series
 
-    series = {label: [(r["MiB"], r["ppl"]) for r in rows if "MiB" in r and "ppl" in r and pick(key)(r["file"])]
+    f32 = next(r for r in rows if r["file"].startswith("f32"))
+    # bits per weight: a file's bits over the f32 file's weights (its bytes / 4; the metadata is < 0.1% of it)
+    x = (lambda r: 32 * r["MiB"] / f32["MiB"]) if "MiB" in f32 else (lambda r: r["MiB"])
+    series = {label: [(x(r), r["ppl"]) for r in rows if "MiB" in r and "ppl" in r and pick(key)(r["file"])]
               for label, key in (("llama.cpp", "llama.cpp"), ("llama.cpp + imatrix", "imatrix"), ("RTN", "RTN"),
                                  ("GPTQ", "GPTQ"), ("ADMM-Q", "ADMMQ"), ("ADMM-Q + tune", "ADMMQ+TUNE"),
                                  ("AutoRound", "AutoRound"))}
-    ppl_plot("gguf_ppl.png", series, rows[0]["ppl"], "f32", "file size (MiB)", "WikiText-2 perplexity (llama.cpp)",
-             "SmolLM2-135M GGUF: perplexity vs size", "o-")
+    name, title = PLOT_NAMES[model]
+    xlabel = "bits per weight (file size x 32 / f32 file size)" if "MiB" in f32 else "file size (MiB)"
+    ppl_plot(name, series, f32["ppl"], "f32", xlabel, "WikiText-2 perplexity (llama.cpp)",
+             f"{title} GGUF: perplexity vs bits per weight", "o-")
+    return name
 
 
 if __name__ == "__main__":  # python -m bench.gguf --rerender
