@@ -45,7 +45,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", default="error", choices=["error", "per-channel", "keep"],
                    help="tensors whose in-dim the group does not divide: error (default), per-channel grid, or keep in float; always reported")
     p.add_argument("--resume", action="store_true", help="continue from the last finished layer of an interrupted run")
-    p.add_argument("--clip-search", action="store_true", help="MSE clipping search for group parameters")
+    p.add_argument("--clip-search", action="store_true", help="diag(H)-weighted clipping search for group parameters (see --clip-mode)")
+    p.add_argument("--clip-mode", default="shrink", choices=["shrink", "refit"],
+                   help="with --clip-search: shrink (default; ranges x1 ... x0.8) or refit (ranges x0.8 ... x1.1, each with the "
+                        "weighted least-squares scales/offsets for its own codes, as llama.cpp's scale search)")
     p.add_argument("--act-order", action="store_true", help="GPTQ/ADMM-Q: quantize columns by decreasing diag(H)")
     p.add_argument("--static-groups", action="store_true", help="with --act-order: fix group parameters up front")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (default 0.01)")
@@ -75,8 +78,10 @@ def _export_parser() -> argparse.ArgumentParser:
 
 def _method_options(a) -> dict:
     opts: dict = {}
+    if a.clip_mode != "shrink" and not a.clip_search:
+        raise UserError(f"--clip-mode {a.clip_mode} needs --clip-search", "add --clip-search")
     if a.clip_search:
-        opts["clip_search"] = True
+        opts["clip_search"] = True if a.clip_mode == "shrink" else a.clip_mode
     if a.method in ("gptq", "admmq"):
         opts.update(damp=a.damp, act_order=a.act_order, static_groups=a.static_groups)
     if a.method == "admmq":

@@ -23,7 +23,10 @@ TARGET_PRESETS = ("q4_k_m", "q3_k_m", "q2_k")
 # runs it
 METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"],
            # and then the float fields (fp16 d/dmin) and norms tuned end to end, codes fixed: one pass over the windows
-           "admmq+tune": ["--clip-search", "--refit", "--tune-steps", str(CALIB_NSAMPLES), "--tune-lr", "1e-4"]}
+           "admmq+tune": ["--clip-search", "--refit", "--tune-steps", str(CALIB_NSAMPLES), "--tune-lr", "1e-4"],
+           # the refitting clipping search (llama.cpp's scale-search idea: each candidate range with its LS scales)
+           "admmq+lsclip": ["--clip-search", "--clip-mode", "refit", "--refit"],
+           "admmq+lsclip+tune": ["--clip-search", "--clip-mode", "refit", "--refit", "--tune-steps", str(CALIB_NSAMPLES), "--tune-lr", "1e-4"]}
 # asymmetric calibration (--asym-calib, GPTAQ-style) beside the plain rows, where the CPU budget allows it (at up to
 # 32 calibration samples; a run at more keeps the rows recorded at 32, with their `calib`)
 ASYM = {("smollm2", "q3_k_m")} if CALIB_NSAMPLES <= 32 else set()
@@ -237,7 +240,9 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
           "settings); ADMM-Q with the CLI options in `options` (`--clip-search`: group parameters from a diag(H)-weighted "
           f"clipping search, the role the imatrix plays in llama.cpp's scale search; `--refit`: the block scales refitted for "
           f"the final codes by H-weighted least squares, K-quant sub-scales/mins as integers under a refitted fp16 "
-          f"super-scale).{note} Our files are written from the IR (codes packed, never re-rounded); "
+          f"super-scale; `--clip-mode refit`, rows `ADMMQ+LSCLIP`: the search over ranges x0.8 ... x1.1 with, for each "
+          f"candidate, the diag(H)-weighted least-squares scales/offsets for its own codes (alternated 4 times), as "
+          f"llama.cpp's make_qx_quants does with the imatrix).{note} Our files are written from the IR (codes packed, never re-rounded); "
           "llama.cpp's from the f32 GGUF we wrote, with `llama-quantize [--imatrix]`. `seconds`: llama-quantize, or our "
           "whole export (model load, calibration forward passes, quantizer, packing). AutoRound (SmolLM2 Q4_K_M, Q3_K_M, Q2_K): "
           f"auto-round's own scheme for the preset (Q2_K: its nearest, gguf:q2_k_s) with iters={AUTOROUND_ITERS} (its default 200 is ~4x the CPU time), batch 4, on "

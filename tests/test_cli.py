@@ -43,3 +43,23 @@ def test_refit_rounds_reach_the_quantizer():
     base = ["m", "--to", "ir", "-o", "x", "--method", "admmq", "--refit"]
     assert _method_options(_export_parser().parse_args(base))["refit_rounds"] == 1
     assert _method_options(_export_parser().parse_args(base + ["--refit-rounds", "3"]))["refit_rounds"] == 3
+
+
+def test_clip_mode_reaches_the_quantizer_and_is_recorded(tmp_path, capsys):
+    """--clip-search --clip-mode refit is passed to the quantizer's grid fit and recorded in the IR; the bare flag keeps
+    the shrink search (recorded as before); --clip-mode without --clip-search is a one-line error."""
+    from admmq_export.cli import _export_parser, _method_options
+
+    base = ["m", "--to", "ir", "-o", "x", "--method", "admmq"]
+    assert "clip_search" not in _method_options(_export_parser().parse_args(base))
+    assert _method_options(_export_parser().parse_args(base + ["--clip-search"]))["clip_search"] is True
+    assert _method_options(_export_parser().parse_args(base + ["--clip-search", "--clip-mode", "refit"]))["clip_search"] == "refit"
+    out = tmp_path / "m.ir"
+    assert main(export_args(out, "--clip-search", "--clip-mode", "refit", bits=3)) == 0
+    assert '"clip_search": "refit"' in json.dumps(json.loads((out / "ir.json").read_text())["meta"])
+    capsys.readouterr()
+    assert main(["check", str(out)]) == 0
+    bad = tmp_path / "bad.ir"
+    assert main(export_args(bad, "--clip-mode", "refit")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--clip-mode refit needs --clip-search" in err[0] and not bad.exists()

@@ -20,6 +20,11 @@ from ..errors import UserError
 
 SHRINK_STEPS = 20  # MSE clipping search: scale ranges by 1, 0.99, ... like GPTQ's `mse` option
 MAX_SHRINK = 0.2
+# "refit" search (llama.cpp's make_qx_quants / make_qkx2_quants idea): ranges scaled by 0.8 ... 1.1, and for each
+# candidate's codes the weighted least-squares (a, b) per sub-unit, stored in the grid's own format
+REFIT_FACTORS = tuple(round(0.8 + 0.0125 * i, 4) for i in range(25))
+REFIT_ROUNDS = 4
+CLIP_MODES = ("shrink", "refit")
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,12 @@ class Grid:
         return self.fit_units(torch.zeros(rows, n_units, unit))
 
     # ---- generic operations -----------------------------------------------------------------------
-    def fit(self, W: torch.Tensor, clip_search: bool = False, weight: torch.Tensor | None = None) -> dict:
-        """Group parameters for W [rows, cols] from min/max, optionally with an MSE clipping search.
+    def fit(self, W: torch.Tensor, clip_search: bool | str = False, weight: torch.Tensor | None = None) -> dict:
+        """Group parameters for W [rows, cols] from min/max, optionally with a weighted clipping search.
 
+        clip_search: False (min/max), True or "shrink" (ranges shrunk by 1, 0.99, ..., 0.8, GPTQ's `mse` search) or
+        "refit" (ranges scaled by 0.8 ... 1.1, each candidate also with the weighted least-squares scales and offsets
+        for its own codes, as llama.cpp's scale search does; grids without a refit form search the ranges only).
         `weight` (cols,) weights the search error per column (e.g. diag(H)); default uniform.
         """
         rows, cols = W.shape
@@ -87,19 +95,50 @@ class Grid:
         params = self.fit_units(Wu)
         if not clip_search:
             return params
+        mode = "shrink" if clip_search is True else clip_search
+        if mode not in CLIP_MODES:
+            raise UserError(f"unknown clipping search {mode!r}", f"use one of {', '.join(CLIP_MODES)}")
         w = torch.ones(cols, device=W.device) if weight is None else weight.float().clamp_min(0)
         w = w.reshape(1, cols // g, g).to(W.device)
         best = self._unit_error(Wu, params, w)
-        for i in range(1, SHRINK_STEPS + 1):
-            p = 1 - MAX_SHRINK * i / SHRINK_STEPS
-            cand = self.fit_units(Wu * p)  # shrink the range, quantize the true weights
-            err = self._unit_error(Wu, cand, w)
-            better = err < best
-            best = torch.where(better, err, best)
-            for k in params:
-                m = better.unsqueeze(-1)
-                params[k] = torch.where(m, cand[k], params[k])
+        if mode == "shrink":
+            factors = [1 - MAX_SHRINK * i / SHRINK_STEPS for i in range(1, SHRINK_STEPS + 1)]
+        else:
+            factors = list(REFIT_FACTORS)
+        refit = mode == "refit" and self.refit_form() is not None
+        for p in factors:
+            cand = self.fit_units(Wu * p)  # scale the range, quantize the true weights
+            chain = [cand]
+            for _ in range(REFIT_ROUNDS if refit else 0):  # alternate: codes for the parameters, LS for the codes
+                chain.append(self._ls_params(Wu, chain[-1], w))
+            for c in chain:
+                err = self._unit_error(Wu, c, w)
+                better = err < best
+                best = torch.where(better, err, best)
+                for k in params:
+                    params[k] = torch.where(better.unsqueeze(-1), c[k], params[k])
         return params
+
+    def _ls_params(self, Wu, params, w):
+        """The weighted least-squares (a, b) per sub-unit for the codes `params` gives Wu, in the grid's storage."""
+        R, U, G = Wu.shape
+        a, b = self.affine_units(params)
+        q = self._project_units(Wu, a, b).double()
+        S = a.shape[-1]
+        x, q, ww = (t.reshape(R, U, S, G // S) for t in (Wu.double(), q, w.double().expand(R, U, G)))
+        if self.refit_form() == "scale":
+            q = q - self.code_offset
+            den = (ww * q * q).sum(-1)
+            a2 = torch.where(den > 0, (ww * x * q).sum(-1) / den.clamp_min(1e-300), a.double())
+            b2 = -self.code_offset * a2
+        else:
+            s0, s1, s2 = ww.sum(-1), (ww * q).sum(-1), (ww * q * q).sum(-1)
+            t0, t1 = (ww * x).sum(-1), (ww * x * q).sum(-1)
+            det = s0 * s2 - s1 * s1
+            ok = det > 1e-12 * (s0 * s2).clamp_min(1e-300)
+            a2 = torch.where(ok, (s0 * t1 - s1 * t0) / torch.where(ok, det, 1.0), a.double())
+            b2 = torch.where(ok, (s2 * t0 - s1 * t1) / torch.where(ok, det, 1.0), b.double())
+        return self.store_affine(a2.reshape(R, U * S), b2.reshape(R, U * S))
 
     def _unit_error(self, Wu, params, w):
         a, b = self.affine_units(params)
