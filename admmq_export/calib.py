@@ -40,8 +40,21 @@ def token_stream(tokenizer, texts: list[str], limit: int | None = None) -> torch
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_samples(tokenizer, path, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """nsamples random windows of seqlen tokens, [nsamples, seqlen], reproducible for a seed."""
+def bos_id(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts BOS in front of a text, else None. Judged by what it does, not by its
+    `add_bos_token` attribute: a tokenizer saved and reloaded (the IR's) can report False and still add BOS."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def calibration_samples(tokenizer, path, nsamples: int, seqlen: int, seed: int, bos: bool = True) -> torch.Tensor:
+    """nsamples random windows of seqlen tokens, [nsamples, seqlen], reproducible for a seed. With `bos`, and a
+    tokenizer that adds BOS, the first token of every window is replaced by BOS, as llama.cpp's perplexity and
+    imatrix tools do: a model sees BOS at position 0 whenever it runs, and models that park attention on it
+    (Gemma-3) have activations there that windows cut from mid-text never show."""
     if nsamples < 1 or seqlen < 2:
         raise UserError(f"calibration needs ≥1 sample of ≥2 tokens (got {nsamples} x {seqlen})", "raise --nsamples/--seqlen")
     texts = load_texts(path)
@@ -52,4 +65,8 @@ def calibration_samples(tokenizer, path, nsamples: int, seqlen: int, seed: int) 
         raise UserError(f"calibration file {path} has only {stream.numel()} tokens, fewer than --seqlen {seqlen}",
                         "use a larger calibration file or a smaller --seqlen")
     starts = torch.randint(0, stream.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    win = torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    b = bos_id(tokenizer) if bos else None
+    if b is not None:
+        win[:, 0] = b
+    return win

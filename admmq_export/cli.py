@@ -42,6 +42,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--device", default="cpu", help="compute device for the current layer: cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--no-calib-bos", dest="calib_bos", action="store_false",
+                   help="calibration windows as cut from the text (default: BOS first, as llama.cpp runs the model, "
+                        "when the tokenizer adds BOS)")
     p.add_argument("--fallback", default="error", choices=["error", "per-channel", "keep"],
                    help="tensors whose in-dim the group does not divide: error (default), per-channel grid, or keep in float; always reported")
     p.add_argument("--resume", action="store_true", help="continue from the last finished layer of an interrupted run")
@@ -119,7 +122,7 @@ def cmd_export(argv) -> int:
     from converters.base import QuantOptions
 
     from . import __version__
-    from .calib import calibration_samples
+    from .calib import bos_id, calibration_samples
     from .fakequant import ir_path_for
     from .models import load_model
     from .paths import atomic_path, check_writable
@@ -148,10 +151,10 @@ def cmd_export(argv) -> int:
         if grid is not None:
             grid.check_shape(*shape, name=name)
     calib = a.calib or str(shared(DEFAULT_CALIB))
-    samples = calibration_samples(lm.tokenizer, calib, a.nsamples, a.seqlen, a.seed)
+    samples = calibration_samples(lm.tokenizer, calib, a.nsamples, a.seqlen, a.seed, a.calib_bos)
     meta = {"source": Path(lm.source).name, "method": a.method, "method_options": _method_options(a), "to": a.to,
             "calibration": {"file": Path(calib).name, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
-                            "asymmetric": a.asym_calib},
+                            "bos": bool(a.calib_bos and bos_id(lm.tokenizer) is not None), "asymmetric": a.asym_calib},
             "admmq_export_version": __version__}
     state = out.with_name(out.name + ".admmq-state")
     if not a.resume and state.exists():
@@ -186,7 +189,8 @@ def cmd_export(argv) -> int:
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     report["seconds"] = round(time.time() - t0, 2)
     if a.json_report:
-        Path(a.json_report).write_text(json.dumps({"stats": stats, "report": report}, indent=1, default=str))
+        Path(a.json_report).write_text(json.dumps({"stats": stats, "report": report, "calibration": meta["calibration"]}, indent=1,
+                                                default=str))
     n = len(stats)
     obj = sum(s["objective"] for s in stats.values() if s["objective"] == s["objective"])
     print(f"quantized {n} tensors with {a.method} in {time.time() - t0:.1f}s; sum of layer objectives {obj:.4g}")

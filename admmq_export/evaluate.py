@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .calib import load_texts
+from .calib import bos_id, load_texts
 from .errors import UserError
 
 
@@ -42,10 +42,8 @@ def eval_windows(tokenizer, path, protocol: str = "gptq", seqlen: int | None = N
     if max_windows:
         n = min(n, max_windows)
     win = ids[: n * L].reshape(n, L).clone()
-    bos = tokenizer.bos_token_id
-    # by behaviour, not by the `add_bos_token` attribute: a tokenizer saved and reloaded (the IR's) can say False
-    # and still add BOS, and then every window but the first lost its BOS (Gemma-3: ppl 20 -> 31)
-    if protocol == "llamacpp" and bos is not None and ids[0].item() == bos:
+    bos = bos_id(tokenizer)  # by behaviour: the IR's reloaded Gemma-3 tokenizer says add_bos_token=False (ppl 20 -> 31)
+    if protocol == "llamacpp" and bos is not None:
         win[:, 0] = bos
     return Windows(win, first)
 

@@ -61,13 +61,14 @@ def main() -> int:
     import torch
     from auto_round import AutoRound
 
-    from admmq_export.calib import calibration_samples
+    from admmq_export.calib import bos_id, calibration_samples
     from admmq_export.models import load_model
 
     torch.manual_seed(a.seed)
     lm = load_model(a.model)
-    # the same token windows our pipeline calibrates on, decoded back to text for AutoRound's loader
-    samples = calibration_samples(lm.tokenizer, a.calib, a.nsamples, a.seqlen, a.seed)
+    # the same token windows our pipeline calibrates on, decoded back to text for AutoRound's loader (as cut: its
+    # tokenizer call puts BOS first itself where the tokenizer adds one, as our windows have it)
+    samples = calibration_samples(lm.tokenizer, a.calib, a.nsamples, a.seqlen, a.seed, bos=False)
     texts = [lm.tokenizer.decode(s) for s in samples]
     t = time.time()
     kw = {}
@@ -98,7 +99,8 @@ def main() -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(hf, ignore_errors=True)
     print(json.dumps({"seconds": secs, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "out": str(out), "iters": a.iters, "nsamples": a.nsamples, "seqlen": a.seqlen}))
+                      "out": str(out), "iters": a.iters, "nsamples": a.nsamples, "seqlen": a.seqlen,
+                      "calib_bos": bos_id(lm.tokenizer) is not None}))
     return 0
 
 

@@ -53,6 +53,12 @@ def export(model: str, to: str, out: Path, *extra: str) -> dict:
     return {**json.loads(rep.read_text()), "wall_seconds": secs, "reused": False}
 
 
+def calib_label(nsamples: int, seqlen: int, bos: bool | None) -> str:
+    """The `calib` column: samples x tokens, and ', BOS' where every window started with BOS (the tokenizer adds
+    one: Gemma-3, stories260K; `export`'s report says so under calibration.bos)."""
+    return f"{nsamples} x {seqlen}" + (", BOS" if bos else "")
+
+
 def earlier_run(out: Path, args: list[str]) -> dict | None:
     """Under BENCH_REUSE=1, the stamp (`<out>.bench.json`) of an earlier run that wrote `out` with these exact
     arguments, else None."""

@@ -10,8 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .common import (CALIB_NSAMPLES, OUT, WIKI, evaluate, export, machine, mark_kept, md_table, ppl_plot, recorded, run_knobs,
-                     save_section, shared_data)
+from .common import (CALIB_NSAMPLES, OUT, WIKI, calib_label, evaluate, export, machine, mark_kept, md_table, ppl_plot,
+                     recorded, run_knobs, save_section, shared_data)
 from .autoround_peer import autoround
 from .llamacpp_tools import binary
 
@@ -77,7 +77,9 @@ def calibration_text(model: str, path: Path, nsamples: int, seqlen: int, seed: i
     from admmq_export.models import load_model
 
     lm = load_model(model)
-    s = calibration_samples(lm.tokenizer, shared_data("c4-train-00000-first1000.jsonl"), nsamples, seqlen, seed)
+    # bos=False: the text of the windows as cut; llama-imatrix puts BOS at the start of each chunk itself
+    s = calibration_samples(lm.tokenizer, shared_data("c4-train-00000-first1000.jsonl"), nsamples, seqlen, seed,
+                            bos=False)
     path.write_text("\n\n".join(lm.tokenizer.decode(x) for x in s))
     return path
 
@@ -90,9 +92,10 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
     d.mkdir(parents=True, exist_ok=True)
     calib = ["--nsamples", str(nsamples), "--seqlen", str(seqlen)]
     f32 = d / "f32.gguf"
-    export(model, "gguf:f32", f32, *calib)
+    # its report says whether our windows start with BOS; llama-imatrix's chunks do then too (its own BOS rule)
+    label = calib_label(nsamples, seqlen, export(model, "gguf:f32", f32, *calib)["calibration"]["bos"])
     base = d / "f32.kld"
-    rows = [{"model": model, "file": "f32 (ours, unquantized)", "bpw": 32.0, "calib": f"{nsamples} x {seqlen}",
+    rows = [{"model": model, "file": "f32 (ours, unquantized)", "bpw": 32.0, "calib": label,
              "MiB": f32.stat().st_size / 2**20,
              **perplexity(f32, chunks, save_base=base), "ppl_ir": evaluate(model, WIKI, "llamacpp", chunks)["ppl"]}]
     rows[0]["excess"] = 0.0
@@ -126,14 +129,14 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
             new.append(_autoround_row(model, preset, d, chunks, base, nsamples, seqlen))
         for r in new:
             r["excess"] = r["ppl"] - rows[0]["ppl"] if "ppl" in r else None
-            r["calib"] = f"{nsamples} x {seqlen}"
+            r["calib"] = label
         rows += new
         im = next(r for r in new if "imatrix" in r["file"])
         for r in new:
             if r.get("method") and "ppl" in r:
                 removed = 1 - r["excess"] / im["excess"] if im["excess"] > 0 else float("nan")
                 summary.append({"model": model, "preset": preset.upper(), "method": r["method"],
-                                "calib": f"{nsamples} x {seqlen}", "ppl": r["ppl"], "imatrix_ppl": im["ppl"],
+                                "calib": label, "ppl": r["ppl"], "imatrix_ppl": im["ppl"],
                                 "share_of_imatrix_excess_removed": removed,
                                 "target_met(≥0.5)": removed >= 0.5 if preset in TARGET_PRESETS else "-"})
         yield rows, summary
@@ -236,7 +239,8 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
     md = [f"## GGUF vs llama.cpp's quantizer (`python -m bench --suite gguf{' --quick' if quick else ''}`)", "",
           f"SmolLM2-135M and Gemma-3-270M. Every perplexity and KLD is computed by llama.cpp's `llama-perplexity` (ctx 512, "
           f"first {chunks} chunks of WikiText-2 test, KLD against the model's f32 file's logits). Calibration for us and "
-          "for `llama-imatrix`: the same C4 windows (seed 0; `calib` = samples x tokens). Ours: RTN; GPTQ (reference "
+          "for `llama-imatrix`: the same C4 windows (seed 0; `calib` = samples x tokens; ', BOS': every window starts with BOS, as "
+          "llama-imatrix and llama-perplexity put it there, for a model whose tokenizer adds one: Gemma-3). Ours: RTN; GPTQ (reference "
           "settings); ADMM-Q with the CLI options in `options` (`--clip-search`: group parameters from a diag(H)-weighted "
           f"clipping search, the role the imatrix plays in llama.cpp's scale search; `--refit`: the block scales refitted for "
           f"the final codes by H-weighted least squares, K-quant sub-scales/mins as integers under a refitted fp16 "

@@ -8,8 +8,8 @@ import os
 import re
 import time
 
-from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, WIKI, evaluate, export, machine, mark_kept, md_table, ppl_plot,
-                     recorded, run_knobs, save_section)
+from .common import (C4_VAL, CALIB_NSAMPLES, OUT, RESULTS, WIKI, calib_label, evaluate, export, machine, mark_kept,
+                     md_table, ppl_plot, recorded, run_knobs, save_section)
 from . import quality_stories as qs
 from .autoround_peer import autoround
 
@@ -46,8 +46,8 @@ def _selection(quick: bool) -> list[tuple[str, tuple]]:
     return [(m, g) for m, grids in MODELS.items() for g in grids if want is None or (m, _gname(*g)) in want]
 
 
-def _row(model: str, method: str, gname: str, nsamples: int, seqlen: int, f: dict, **more) -> dict:
-    return {"model": model, "grid": gname, "method": method, "calib": f"{nsamples} x {seqlen}", "wiki_file": f["wiki"],
+def _row(model: str, method: str, gname: str, calib: str, f: dict, **more) -> dict:
+    return {"model": model, "grid": gname, "method": method, "calib": calib, "wiki_file": f["wiki"],
             "c4_file": f["c4"], "kld": f["kld"], **more}
 
 
@@ -60,7 +60,8 @@ def _grid_rows(model, bits, group, sym, wl, wc, nsamples, seqlen, ar_iters, meth
         rep = export(model, "onnx", out, "--method", method, "--bits", str(bits), "--group-size", str(group),
                      "--sym" if sym else "--asym", *calib)
         quant_s = sum(s["seconds"] for s in rep["stats"].values())
-        rows.append(_row(model, method, gname, nsamples, seqlen, _evals(str(out), wl, wc, model),
+        rows.append(_row(model, method, gname, calib_label(nsamples, seqlen, rep["calibration"]["bos"]),
+                         _evals(str(out), wl, wc, model),
                          wiki_ir=evaluate(f"{out}.ir", WIKI, "llamacpp", wl)["ppl"], quant_s=quant_s,
                          **{"s/tensor": quant_s / len(rep["stats"]), "export_s": rep["wall_seconds"],
                             "peak_rss_mib": rep["report"]["peak_rss_mib"]}))
@@ -70,7 +71,7 @@ def _grid_rows(model, bits, group, sym, wl, wc, nsamples, seqlen, ar_iters, meth
         if "error" in ar:
             rows.append({"model": model, "grid": gname, "method": f"autoround (not measured: {ar['error']})"})
         else:
-            rows.append(_row(model, f"autoround iters={ar_iters}", gname, nsamples, seqlen,
+            rows.append(_row(model, f"autoround iters={ar_iters}", gname, calib_label(nsamples, seqlen, ar["calib_bos"]),
                              _evals(str(out), wl, wc, model), quant_s=ar["seconds"], peak_rss_mib=ar["peak_rss_mib"]))
     return rows
 
@@ -111,7 +112,8 @@ def _save(orig, rows, prev, srows, quick, wl, wc, ar_iters, total_s, env=None, m
         env = "" if quick else run_knobs("BENCH_NSAMPLES", "BENCH_QUALITY_ONLY", "BENCH_QUALITY_METHODS", "BENCH_REUSE")
     md = [f"## Quality: RTN / GPTQ / ADMM-Q / AutoRound on the same grids (`{env}python -m bench --suite quality{' --quick' if quick else ''}`)", "",
           "SmolLM2-135M and Gemma-3-270M, calibration C4 windows (seed 0; the same windows for AutoRound; `calib` = "
-          f"samples x tokens). Perplexity on the first {wl} WikiText-2 and {wc} C4-validation chunks of 512 tokens "
+          "samples x tokens, ', BOS': the first token of every window replaced by BOS, as llama.cpp runs the model, "
+          "for a tokenizer that adds BOS: Gemma-3; SmolLM2's adds none). Perplexity on the first {wl} WikiText-2 and {wc} C4-validation chunks of 512 tokens "
           "(llama.cpp protocol). `_file`: our ONNX file run in ONNX Runtime (AutoRound: its GPTQ checkpoint through our "
           "loader); `_ir`: our fake-quant IR (fp32 torch) — the ONNX weights are bit-identical to it, so the two differ "
           "only by ORT's fp32 arithmetic. KLD vs the original on the WikiText-2 windows. The sequential pipeline is the "
