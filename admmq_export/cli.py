@@ -189,8 +189,8 @@ def cmd_export(argv) -> int:
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     report["seconds"] = round(time.time() - t0, 2)
     if a.json_report:
-        Path(a.json_report).write_text(json.dumps({"stats": stats, "report": report, "calibration": meta["calibration"]}, indent=1,
-                                                default=str))
+        doc = {"stats": stats, "report": report, "calibration": meta["calibration"]}
+        Path(a.json_report).write_text(json.dumps(doc, indent=1, default=str))
     n = len(stats)
     obj = sum(s["objective"] for s in stats.values() if s["objective"] == s["objective"])
     print(f"quantized {n} tensors with {a.method} in {time.time() - t0:.1f}s; sum of layer objectives {obj:.4g}")

@@ -113,7 +113,8 @@ def _save(orig, rows, prev, srows, quick, wl, wc, ar_iters, total_s, env=None, m
     md = [f"## Quality: RTN / GPTQ / ADMM-Q / AutoRound on the same grids (`{env}python -m bench --suite quality{' --quick' if quick else ''}`)", "",
           "SmolLM2-135M and Gemma-3-270M, calibration C4 windows (seed 0; the same windows for AutoRound; `calib` = "
           "samples x tokens, ', BOS': the first token of every window replaced by BOS, as llama.cpp runs the model, "
-          "for a tokenizer that adds BOS: Gemma-3; SmolLM2's adds none). Perplexity on the first {wl} WikiText-2 and {wc} C4-validation chunks of 512 tokens "
+          "for a tokenizer that adds BOS: Gemma-3; SmolLM2's adds none). "
+          f"Perplexity on the first {wl} WikiText-2 and {wc} C4-validation chunks of 512 tokens "
           "(llama.cpp protocol). `_file`: our ONNX file run in ONNX Runtime (AutoRound: its GPTQ checkpoint through our "
           "loader); `_ir`: our fake-quant IR (fp32 torch) — the ONNX weights are bit-identical to it, so the two differ "
           "only by ORT's fp32 arithmetic. KLD vs the original on the WikiText-2 windows. The sequential pipeline is the "
