@@ -3,8 +3,9 @@ RTN / GPTQ / ADMM-Q on the same grids and calibration, written as ONNX and run i
 
 Its FFN down projection has in-dim 172 (= 4 x 43), which no group of 32 divides: that tensor takes the explicit
 per-channel fallback (`--fallback per-channel`, reported by the export) on every row alike. Calibration: C4 windows
-of the model's whole context (128 tokens; the issues' 128 samples), seed 0, BOS first (its tokenizer adds one). Evaluation: TinyStories (the model's
-own domain; ../shared/data/tinystories-sample.txt), llama.cpp protocol with 128-token windows, KLD vs the fp32 model.
+of the model's whole context (128 tokens; the issues' 128 samples), seed 0, BOS first (its tokenizer adds one).
+Evaluation: TinyStories (the model's own domain; ../shared/data/tinystories-sample.txt), llama.cpp protocol with
+128-token windows, KLD vs the fp32 model.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def run(gname) -> tuple[list[dict], dict]:
                          "--sym" if sym else "--asym", "--fallback", "per-channel", "--nsamples", str(NSAMPLES),
                          "--seqlen", str(SEQLEN))
             f = _eval(str(out), MODEL)
-            rows.append({"grid": gname(bits, group, sym), "method": method, "calib": calib_label(NSAMPLES, SEQLEN, rep["calibration"]["bos"]),
+            rows.append({"grid": gname(bits, group, sym), "method": method,
+                         "calib": calib_label(NSAMPLES, SEQLEN, rep["calibration"]["bos"]),
                          "ppl_file": f["ppl"], "ppl_ir": _eval(f"{out}.ir")["ppl"], "kld": f.get("kld"),
                          "quant_s": sum(s["seconds"] for s in rep["stats"].values()),
                          "fallback": _fallbacks(rep["report"])})
