@@ -51,7 +51,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-search", action="store_true", help="diag(H)-weighted clipping search for group parameters (see --clip-mode)")
     p.add_argument("--clip-mode", default="shrink", choices=["shrink", "refit"],
                    help="with --clip-search: shrink (default; ranges x1 ... x0.8) or refit (ranges x0.8 ... x1.1, each with the "
-                        "weighted least-squares scales/offsets for its own codes, as llama.cpp's scale search)")
+                        "weighted least-squares scales/offsets for its own codes, as llama.cpp's scale search; K-quants "
+                        "also per sub-block, with a super-scale search; re-finds blocks llama.cpp wrote)")
     p.add_argument("--act-order", action="store_true", help="GPTQ/ADMM-Q: quantize columns by decreasing diag(H)")
     p.add_argument("--static-groups", action="store_true", help="with --act-order: fix group parameters up front")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (default 0.01)")

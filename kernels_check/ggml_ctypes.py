@@ -76,3 +76,23 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, i
     out = np.empty(n, np.float32)
     _TO_FLOAT(t.to_float)(src.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
     return out.reshape(shape)
+
+
+def quantize(values: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's own quantizer (`ggml_quantize_chunk`, what llama-quantize runs; `imatrix` [cols] its importance
+    weights) on fp32 [rows, cols] -> the tensor's row bytes (uint8)."""
+    lib = _lib()
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    rows, cols = x.shape
+    block, size = GGML_QUANT_SIZES[qtype]
+    out = np.zeros(rows * cols // block * size, np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    fl = ctypes.POINTER(ctypes.c_float)
+    n = fn(int(qtype), x.ctypes.data_as(fl), out.ctypes.data, 0, rows, cols, None if im is None else im.ctypes.data_as(fl))
+    if n != out.size:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes for {qtype.name}, expected {out.size}")
+    return out

@@ -12,6 +12,7 @@ Shapes: W is [rows, cols]; params are dicts of tensors [rows, n_units, k] with k
 from __future__ import annotations
 
 import math
+from itertools import chain as chain_iter
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ MAX_SHRINK = 0.2
 REFIT_FACTORS = tuple(round(0.8 + 0.0125 * i, 4) for i in range(25))
 REFIT_ROUNDS = 4
 CLIP_MODES = ("shrink", "refit")
+# the per-sub-unit search's second family (make_qkx2_quants' rmin −1, rdelta 0.1): codes anchored at the minimum
+ANCHOR_STEPS = tuple(round(-1 + 0.1 * i, 1) for i in range(21))
+SUB_SEARCH_CHUNK_BYTES = 8 << 20  # fp64 weights per chunk of rows in the per-sub-unit search (its candidates: ~10x)
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,10 @@ class Grid:
         else:
             factors = list(REFIT_FACTORS)
         refit = mode == "refit" and self.refit_form() is not None
-        for p in factors:
-            cand = self.fit_units(Wu * p)  # scale the range, quantize the true weights
+        cands = (self.fit_units(Wu * p) for p in factors)  # scale the range, quantize the true weights
+        if refit and self.sub(cols) < g:  # K-quants: also the search per sub-block, encoded once at the end
+            cands = chain_iter(cands, [self._sub_unit_search_rows(Wu, w, factors)])
+        for cand in cands:
             chain = [cand]
             for _ in range(REFIT_ROUNDS if refit else 0):  # alternate: codes for the parameters, LS for the codes
                 chain.append(self._ls_params(Wu, chain[-1], w))
@@ -119,6 +125,124 @@ class Grid:
                     params[k] = torch.where(better.unsqueeze(-1), c[k], params[k])
         return params
 
+    def _sub_unit_search_rows(self, Wu, w, factors):
+        """_sub_unit_search over chunks of rows (rows are independent), so its candidates' memory stays bounded."""
+        R, U, G = Wu.shape
+        step = max(1, SUB_SEARCH_CHUNK_BYTES // (8 * U * G))
+        parts = [self._sub_unit_search(Wu[r:r + step], w, factors) for r in range(0, R, step)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _sub_unit_search(self, Wu, w, factors):
+        """The "refit" search run per sub-unit in fp64 before any storage rounding, as llama.cpp's make_qkx2_quants
+        / make_q3_quants search each K-quant sub-block on its own: for every start (range factors; for affine grids
+        also codes anchored at the minimum), codes and weighted least-squares (a, b) alternated REFIT_ROUNDS times,
+        each sub-unit keeping its own best, which sets the unit's super-scales. Then, under those super-scales, each
+        sub-unit takes the integer sub-scale (and min) of whichever start's (a, b) stores with the least error: two
+        (a, b) of equal fp64 error (the same values on other codes) need not store equally well. A search per unit
+        would make all sub-blocks of a 256-block share one factor."""
+        R, U, G = Wu.shape
+        S = G // self.sub(G * U)
+        x = Wu.double().reshape(R, U, S, G // S)
+        ww = w.double().expand(R, U, G).reshape(R, U, S, G // S)
+        err_of = lambda a, b, q: (ww * (a.unsqueeze(-1) * q + b.unsqueeze(-1) - x) ** 2).sum(-1)  # noqa: E731
+        starts = [tuple(t.double() for t in self.affine_units(self.fit_units(Wu * p))) for p in factors]
+        if self.refit_form() == "affine":  # anchored at the minimum, the step range/(qmax + δ), δ = −1 ... 1
+            lo, hi = self.sub_range(x)
+            starts += [((hi - lo) / (self.qmax + dl), lo) for dl in ANCHOR_STEPS]
+        else:  # the largest magnitude at either end of the codes, one step in, or in between (make_q3_quants' rmse)
+            idx = x.abs().argmax(-1, keepdim=True)
+            smax = x.gather(-1, idx).squeeze(-1)
+            z, top = self.code_offset, self.qmax - self.code_offset
+            for t in (-z + 1, -z + 0.5, top, top - 0.5, top - 1):
+                a = smax / t
+                starts.append((a, -z * a))
+        best_err = best_a = best_b = None
+        finals = []
+        for a, b in starts:
+            for r in range(REFIT_ROUNDS + 1):
+                if r:
+                    a, b = self._ls_affine(x, q, ww, a, b)
+                q = self._project_sub(x, a, b)
+                if self.refit_form() == "affine":  # the same values with the lowest code 0: the smallest offset,
+                    b0 = b + q.amin(-1) * a  # the one that sets the super-scale of the mins
+                    shifted = (b0 <= 0) if self.nonpositive_offset else torch.ones_like(b0, dtype=torch.bool)
+                    if r == REFIT_ROUNDS:
+                        finals.append((a, b))
+                    b, q = torch.where(shifted, b0, b), q - torch.where(shifted, q.amin(-1), 0).unsqueeze(-1)
+                err = err_of(a, b, q)
+                if best_err is None:
+                    best_err, best_a, best_b = err, a, b
+                else:
+                    better = err < best_err
+                    best_err = torch.where(better, err, best_err)
+                    best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
+            finals.append((a, b))
+        params = self.store_affine(best_a.reshape(R, U * S), best_b.reshape(R, U * S))
+        if self.sub_fields(params, best_a, best_b) is None:
+            return params
+        unit_err = None
+        for opt in self.super_options(best_a, best_b):  # the super-scales: the best encoding per unit
+            sa, sb = (t.double() for t in self.affine_units(opt))
+            e = err_of(sa, sb, self._project_sub(x, sa, sb)).sum(-1)
+            if unit_err is None:
+                unit_err, params = e, opt
+            else:
+                better = e < unit_err
+                unit_err = torch.where(better, e, unit_err)
+                params = {k: torch.where(better.unsqueeze(-1), opt[k], params[k]) for k in params}
+        finals.append((best_a, best_b))
+        best_err = None
+        for a, b in finals:  # under the chosen super-scales: the best-storing (a, b) per sub-unit
+            f = self.sub_fields(params, a, b)
+            sa, sb = (t.double() for t in self.affine_units({**params, **f}))
+            err = err_of(sa, sb, self._project_sub(x, sa, sb))
+            if best_err is None:
+                best_err, fields = err, f
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                fields = {k: torch.where(better, f[k], fields[k]) for k in f}
+        return {**params, **fields}
+
+    def super_options(self, a, b):
+        """Candidate storages (super-scales and the fields under them) of per-sub-unit (a, b) [R, U, S]."""
+        return [self.store_affine(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))]
+
+    def sub_fields(self, params, a, b):
+        """The integer per-sub-unit fields (K-quant sub-scales, mins) that store (a, b) [R, U, S] best under the
+        super-scales in `params`; None for grids without such fields."""
+        return None
+
+    def sub_range(self, x):
+        """(lo, hi) per sub-unit of x [..., sub]: the range the affine fit spans (K-quants: it includes 0)."""
+        return x.amin(-1), x.amax(-1)
+
+    def _project_sub(self, x, a, b):
+        """Nearest codes for per-sub-unit (a, b) [R, U, S] in fp64, x [R, U, S, sub]."""
+        a, b = a.unsqueeze(-1), b.unsqueeze(-1)
+        q = torch.round((x - b) / torch.where(a == 0, torch.ones_like(a), a))
+        return torch.where(a == 0, torch.zeros_like(q), q).clamp(0, self.qmax)
+
+    def _ls_affine(self, x, q, ww, a, b):
+        """The weighted least-squares (a, b) per sub-unit for codes q (x, q, ww [..., sub]; a, b the fallback where
+        the system is singular), within what the grid can store (`clamp_affine`)."""
+        if self.refit_form() == "scale":
+            q = q - self.code_offset
+            den = (ww * q * q).sum(-1)
+            a2 = torch.where(den > 0, (ww * x * q).sum(-1) / den.clamp_min(1e-300), a)
+            return a2, -self.code_offset * a2
+        s0, s1, s2 = ww.sum(-1), (ww * q).sum(-1), (ww * q * q).sum(-1)
+        t0, t1 = (ww * x).sum(-1), (ww * x * q).sum(-1)
+        det = s0 * s2 - s1 * s1
+        ok = det > 1e-12 * (s0 * s2).clamp_min(1e-300)
+        a2 = torch.where(ok, (s0 * t1 - s1 * t0) / torch.where(ok, det, 1.0), a)
+        b2 = torch.where(ok, (s2 * t0 - s1 * t1) / torch.where(ok, det, 1.0), b)
+        return self.clamp_affine(x, q, ww, a2, b2)
+
+    def clamp_affine(self, x, q, ww, a, b):
+        """Least-squares (a, b) moved into the grid's storable set (default: any)."""
+        return a, b
+
     def _ls_params(self, Wu, params, w):
         """The weighted least-squares (a, b) per sub-unit for the codes `params` gives Wu, in the grid's storage."""
         R, U, G = Wu.shape
@@ -126,18 +250,7 @@ class Grid:
         q = self._project_units(Wu, a, b).double()
         S = a.shape[-1]
         x, q, ww = (t.reshape(R, U, S, G // S) for t in (Wu.double(), q, w.double().expand(R, U, G)))
-        if self.refit_form() == "scale":
-            q = q - self.code_offset
-            den = (ww * q * q).sum(-1)
-            a2 = torch.where(den > 0, (ww * x * q).sum(-1) / den.clamp_min(1e-300), a.double())
-            b2 = -self.code_offset * a2
-        else:
-            s0, s1, s2 = ww.sum(-1), (ww * q).sum(-1), (ww * q * q).sum(-1)
-            t0, t1 = (ww * x).sum(-1), (ww * x * q).sum(-1)
-            det = s0 * s2 - s1 * s1
-            ok = det > 1e-12 * (s0 * s2).clamp_min(1e-300)
-            a2 = torch.where(ok, (s0 * t1 - s1 * t0) / torch.where(ok, det, 1.0), a.double())
-            b2 = torch.where(ok, (s2 * t0 - s1 * t1) / torch.where(ok, det, 1.0), b.double())
+        a2, b2 = self._ls_affine(x, q, ww, a.double(), b.double())
         return self.store_affine(a2.reshape(R, U * S), b2.reshape(R, U * S))
 
     def _unit_error(self, Wu, params, w):
@@ -197,6 +310,7 @@ class Grid:
         return None
 
     code_offset = 0  # the fixed code offset z of a "scale" grid
+    nonpositive_offset = False  # an "affine" grid whose b must be <= 0 (K-quants store −dmin·m)
 
     def store_affine(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameters in the grid's storage for sub-unit-level (a, b) [rows, cols // sub] (fp64) from the refresh."""

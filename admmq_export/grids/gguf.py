@@ -49,6 +49,8 @@ class GGUFGrid(Grid):
         return BPW[self.ggml_type]
 
 
+SUPER_STEPS = (0, 1, 2, 3, 4, 6)  # super-scale candidates: the largest sub-scale this many steps inside its range
+
 BPW = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5,
        "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
 
@@ -123,10 +125,18 @@ class KMinGrid(GGUFGrid):
         hi = sub.amax(-1).clamp(min=0)
         return self._encode((hi - lo) / self.qmax, -lo)
 
-    def _encode(self, scale, mins):
-        """Sub-block scales and mins [R, U, n_sub] (>= 0) -> fp16 d/dmin per unit and integer sc/m under them."""
-        d = _f16(scale.amax(-1) / self.sc_max)
-        dmin = _f16(mins.amax(-1) / self.sc_max)
+    def super_options(self, a, b):
+        """Candidate encodings of per-sub-block (a, b) [R, U, S]: the largest scale (min) at sub-scale sc_max − j,
+        j in SUPER_STEPS, for d and for dmin in turn (llama.cpp's make_qp_quants searches d the same way)."""
+        scale, mins = a.float().clamp_min(0), (-b).float().clamp_min(0)
+        return [self._encode(scale, mins, self.sc_max - j, self.sc_max - k)
+                for j, k in [(j, 0) for j in SUPER_STEPS] + [(0, k) for k in SUPER_STEPS[1:]]]
+
+    def _encode(self, scale, mins, top_d=None, top_m=None):
+        """Sub-block scales and mins [R, U, n_sub] (>= 0) -> fp16 d/dmin per unit and integer sc/m under them
+        (the largest at top_d / top_m, default sc_max)."""
+        d = _f16(scale.amax(-1) / (top_d or self.sc_max))
+        dmin = _f16(mins.amax(-1) / (top_m or self.sc_max))
         sc = torch.round(_safe_div(scale, d.float().unsqueeze(-1))).clamp(0, self.sc_max)
         m = torch.round(_safe_div(mins, dmin.float().unsqueeze(-1))).clamp(0, self.sc_max)
         return {"d": d.unsqueeze(-1), "dmin": dmin.unsqueeze(-1), "sc": sc.to(torch.uint8), "m": m.to(torch.uint8)}
@@ -136,8 +146,26 @@ class KMinGrid(GGUFGrid):
         b = -(params["dmin"].float() * params["m"].float())
         return a, b
 
+    def sub_fields(self, params, a, b):
+        sc = torch.round(_safe_div(a, params["d"].double())).clamp(0, self.sc_max)
+        m = torch.round(_safe_div(-b, params["dmin"].double())).clamp(0, self.sc_max)
+        return {"sc": sc.to(torch.uint8), "m": m.to(torch.uint8)}
+
     def refit_form(self):
         return "affine"
+
+    nonpositive_offset = True
+
+    def sub_range(self, x):
+        return x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+
+    def clamp_affine(self, x, q, ww, a, b):
+        """The min is stored as −dmin·m ≤ 0: where the least-squares offset is positive, the best scale with offset 0
+        (llama.cpp's make_qkx2_quants does the same); a negative scale is stored as 0."""
+        pos = b > 0
+        den = (ww * q * q).sum(-1)
+        a0 = torch.where(den > 0, (ww * x * q).sum(-1) / den.clamp_min(1e-300), torch.zeros_like(a))
+        return torch.where(pos, a0, a).clamp_min(0), torch.where(pos, torch.zeros_like(b), b)
 
     def store_affine(self, a, b):
         """Per-sub-block (a, b) [rows, n_sub_total] -> a new d/dmin and the sub-scales/mins under them (a < 0 or
@@ -160,15 +188,30 @@ class KSymGrid(_OffsetDequant, GGUFGrid):
         sub = Wu.reshape(R, U, G // self.sub_size, self.sub_size)
         return self._encode(_signed_absmax(sub) / -self.offset)
 
-    def _encode(self, scale):
-        """Signed sub-block scales [R, U, n_sub] -> fp16 d per unit and the integer sub-scales under it."""
-        d = _f16(scale.abs().amax(-1) / max(-self.sc_lo, self.sc_hi))
-        sc = torch.round(_safe_div(scale, d.float().unsqueeze(-1))).clamp(self.sc_lo, self.sc_hi)
+    def super_options(self, a, b):
+        """Candidate encodings of per-sub-block scales a [R, U, S]: the largest magnitude at sub-scale sc_lo + j or
+        sc_hi − j, j in SUPER_STEPS."""
+        scale = a.float()
+        return ([self._encode(scale, self.sc_lo + j) for j in SUPER_STEPS] +
+                [self._encode(scale, self.sc_hi - j) for j in SUPER_STEPS])
+
+    def _encode(self, scale, top=None):
+        """Signed sub-block scales [R, U, n_sub] -> fp16 d per unit and the integer sub-scales under it, as
+        quantize_row_q3_K/q6_K do: the scale of largest magnitude maps to sc_lo (−32 / −128; or `top`), so d takes
+        the sign that gives the negative side's extra step to it (a positive d would clamp it to sc_hi = −sc_lo − 1)."""
+        smax = _signed_absmax(scale)
+        top = top or self.sc_lo
+        iscale = torch.where(smax == 0, torch.zeros_like(smax), top / torch.where(smax == 0, 1.0, smax))
+        d = _f16(torch.where(iscale == 0, torch.zeros_like(iscale), 1 / torch.where(iscale == 0, 1.0, iscale)))
+        sc = torch.round(scale * iscale.unsqueeze(-1)).clamp(self.sc_lo, self.sc_hi)
         return {"d": d.unsqueeze(-1), "sc": sc.to(torch.int8)}
 
     def affine_units(self, params):
         a = params["d"].float() * params["sc"].float()
         return a, -self.offset * a
+
+    def sub_fields(self, params, a, b):
+        return {"sc": torch.round(_safe_div(a, params["d"].double())).clamp(self.sc_lo, self.sc_hi).to(torch.int8)}
 
     def store_affine(self, a, b):
         return self._encode(a.float().reshape(a.shape[0], -1, self.group_size // self.sub_size))
