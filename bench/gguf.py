@@ -246,7 +246,8 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
           f"the final codes by H-weighted least squares, K-quant sub-scales/mins as integers under a refitted fp16 "
           f"super-scale; `--clip-mode refit`, rows `ADMMQ+LSCLIP`: the search over ranges x0.8 ... x1.1 with, for each "
           f"candidate, the diag(H)-weighted least-squares scales/offsets for its own codes (alternated 4 times), as "
-          f"llama.cpp's make_qx_quants does with the imatrix).{note} Our files are written from the IR (codes packed, never re-rounded); "
+          f"llama.cpp's make_qx_quants does with the imatrix; for the K-quants also per sub-block, from llama.cpp's "
+          f"starts (codes anchored at the minimum), with a search over the fp16 super-scale).{note} Our files are written from the IR (codes packed, never re-rounded); "
           "llama.cpp's from the f32 GGUF we wrote, with `llama-quantize [--imatrix]`. `seconds`: llama-quantize, or our "
           "whole export (model load, calibration forward passes, quantizer, packing). AutoRound (SmolLM2 Q4_K_M, Q3_K_M, Q2_K): "
           f"auto-round's own scheme for the preset (Q2_K: its nearest, gguf:q2_k_s) with iters={AUTOROUND_ITERS} (its default 200 is ~4x the CPU time), batch 4, on "
@@ -261,7 +262,7 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
           "perplexities can move by ~0.1 between builds, so each share below is computed against the imatrix file "
           "measured in the same run as the row (its `imatrix_ppl`)."
           f"{_size_note(rows)}{_types_note(rows)} "
-          "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
+          "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks, the per-sub-block refit search of `--clip-mode refit` does (Q4_K and Q6_K tensors to ~1e-8 relative error), and then both files hold nearly the source's weights and differ by llama.cpp's activation quantization. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
           md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "ppl_ir", "seconds"]), "",
           "`ppl_ir`: our own evaluation (fp32 torch, the same windows) of the weights the file holds, from our IR (f32 "
           "row: the original model): what the weights cost without llama.cpp's 8-bit requantization of the activations "
