@@ -31,6 +31,21 @@ ANCHOR_STEPS = tuple(round(-1 + 0.1 * i, 1) for i in range(21))
 SUB_SEARCH_CHUNK_BYTES = 8 << 20  # fp64 weights per chunk of rows in the per-sub-unit search (its candidates: ~10x)
 
 
+def keep_lower(best, err: torch.Tensor, vals: dict):
+    """(error, values) keeping, element by element, whichever of `best` (None: nothing yet) and the candidate
+    (err, vals) has the lower error; each value is shaped like err, plus trailing dimensions."""
+    if best is None:
+        return err, dict(vals)
+    better = err < best[0]
+    pick = lambda new, old: torch.where(better.reshape(better.shape + (1,) * (new.dim() - better.dim())), new, old)  # noqa: E731
+    return torch.where(better, err, best[0]), {k: pick(v, best[1][k]) for k, v in vals.items()}
+
+
+def signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """The element of largest magnitude along the last dim, with its sign (llama.cpp's `max` in quantize_row_q4_0)."""
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
 @dataclass(frozen=True)
 class Grid:
     bits: int
@@ -104,7 +119,7 @@ class Grid:
             raise UserError(f"unknown clipping search {mode!r}", f"use one of {', '.join(CLIP_MODES)}")
         w = torch.ones(cols, device=W.device) if weight is None else weight.float().clamp_min(0)
         w = w.reshape(1, cols // g, g).to(W.device)
-        best = self._unit_error(Wu, params, w)
+        best = (self._unit_error(Wu, params, w), params)
         if mode == "shrink":
             factors = [1 - MAX_SHRINK * i / SHRINK_STEPS for i in range(1, SHRINK_STEPS + 1)]
         else:
@@ -118,12 +133,8 @@ class Grid:
             for _ in range(REFIT_ROUNDS if refit else 0):  # alternate: codes for the parameters, LS for the codes
                 chain.append(self._ls_params(Wu, chain[-1], w))
             for c in chain:
-                err = self._unit_error(Wu, c, w)
-                better = err < best
-                best = torch.where(better, err, best)
-                for k in params:
-                    params[k] = torch.where(better.unsqueeze(-1), c[k], params[k])
-        return params
+                best = keep_lower(best, self._unit_error(Wu, c, w), c)
+        return best[1]
 
     def _sub_unit_search_rows(self, Wu, w, factors):
         """_sub_unit_search over chunks of rows (rows are independent), so its candidates' memory stays bounded."""
@@ -150,13 +161,12 @@ class Grid:
             lo, hi = self.sub_range(x)
             starts += [((hi - lo) / (self.qmax + dl), lo) for dl in ANCHOR_STEPS]
         else:  # the largest magnitude at either end of the codes, one step in, or in between (make_q3_quants' rmse)
-            idx = x.abs().argmax(-1, keepdim=True)
-            smax = x.gather(-1, idx).squeeze(-1)
+            smax = signed_absmax(x)
             z, top = self.code_offset, self.qmax - self.code_offset
             for t in (-z + 1, -z + 0.5, top, top - 0.5, top - 1):
                 a = smax / t
                 starts.append((a, -z * a))
-        best_err = best_a = best_b = None
+        best = None
         finals = []
         for a, b in starts:
             for r in range(REFIT_ROUNDS + 1):
@@ -169,40 +179,27 @@ class Grid:
                     if r == REFIT_ROUNDS:
                         finals.append((a, b))
                     b, q = torch.where(shifted, b0, b), q - torch.where(shifted, q.amin(-1), 0).unsqueeze(-1)
-                err = err_of(a, b, q)
-                if best_err is None:
-                    best_err, best_a, best_b = err, a, b
-                else:
-                    better = err < best_err
-                    best_err = torch.where(better, err, best_err)
-                    best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
+                best = keep_lower(best, err_of(a, b, q), {"a": a, "b": b})
             finals.append((a, b))
+        best_a, best_b = best[1]["a"], best[1]["b"]
         params = self.store_affine(best_a.reshape(R, U * S), best_b.reshape(R, U * S))
         if self.sub_fields(params, best_a, best_b) is None:
             return params
-        unit_err = None
+
+        def stored_err(p):  # per sub-unit, of the parameters as stored, each weight on its nearest code
+            sa, sb = (t.double() for t in self.affine_units(p))
+            return err_of(sa, sb, self._project_sub(x, sa, sb))
+
+        best = None
         for opt in self.super_options(best_a, best_b):  # the super-scales: the best encoding per unit
-            sa, sb = (t.double() for t in self.affine_units(opt))
-            e = err_of(sa, sb, self._project_sub(x, sa, sb)).sum(-1)
-            if unit_err is None:
-                unit_err, params = e, opt
-            else:
-                better = e < unit_err
-                unit_err = torch.where(better, e, unit_err)
-                params = {k: torch.where(better.unsqueeze(-1), opt[k], params[k]) for k in params}
+            best = keep_lower(best, stored_err(opt).sum(-1), opt)
+        params = best[1]
         finals.append((best_a, best_b))
-        best_err = None
+        best = None
         for a, b in finals:  # under the chosen super-scales: the best-storing (a, b) per sub-unit
             f = self.sub_fields(params, a, b)
-            sa, sb = (t.double() for t in self.affine_units({**params, **f}))
-            err = err_of(sa, sb, self._project_sub(x, sa, sb))
-            if best_err is None:
-                best_err, fields = err, f
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                fields = {k: torch.where(better, f[k], fields[k]) for k in f}
-        return {**params, **fields}
+            best = keep_lower(best, stored_err({**params, **f}), f)
+        return {**params, **best[1]}
 
     def super_options(self, a, b):
         """Candidate storages (super-scales and the fields under them) of per-sub-unit (a, b) [R, U, S]."""
@@ -264,12 +261,8 @@ class Grid:
         return t.repeat_interleave(unit // t.shape[-1], dim=-1)
 
     def _project_units(self, Wu, a, b):
-        unit = Wu.shape[-1]
-        a, b = self._expand(a, unit), self._expand(b, unit)
-        safe = torch.where(a == 0, torch.ones_like(a), a)
-        q = torch.round((Wu - b) / safe)
-        q = torch.where(a == 0, torch.zeros_like(q), q)
-        return q.clamp(0, self.qmax)
+        R, U, G = Wu.shape
+        return self._project_sub(Wu.reshape(R, U, a.shape[-1], -1), a, b).reshape(R, U, G)
 
     def _dequant_units(self, q, a, b):
         unit = q.shape[-1]

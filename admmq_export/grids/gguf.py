@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Grid
+from .base import Grid, signed_absmax
 
 F16 = torch.float16
 
@@ -25,12 +25,6 @@ def _f16(x):
 
 def _safe_div(x, d):
     return x / torch.where(d == 0, torch.ones_like(d), d)
-
-
-def _signed_absmax(Wu):
-    """The element of largest magnitude, with its sign (llama.cpp's `max` in quantize_row_q4_0)."""
-    idx = Wu.abs().argmax(-1, keepdim=True)
-    return Wu.gather(-1, idx).squeeze(-1)
 
 
 @dataclass(frozen=True)
@@ -83,7 +77,7 @@ class SymBlockGrid(_OffsetDequant, GGUFGrid):
         if self.ggml_type == "Q8_0":
             d = Wu.abs().amax(-1) / 127
         else:
-            d = _signed_absmax(Wu) / -self.offset
+            d = signed_absmax(Wu) / -self.offset
         return {"d": _f16(d).unsqueeze(-1)}
 
     def affine_units(self, params):
@@ -186,7 +180,7 @@ class KSymGrid(_OffsetDequant, GGUFGrid):
     def fit_units(self, Wu):
         R, U, G = Wu.shape
         sub = Wu.reshape(R, U, G // self.sub_size, self.sub_size)
-        return self._encode(_signed_absmax(sub) / -self.offset)
+        return self._encode(signed_absmax(sub) / -self.offset)
 
     def super_options(self, a, b):
         """Candidate encodings of per-sub-block scales a [R, U, S]: the largest magnitude at sub-scale sc_lo + j or
@@ -199,7 +193,7 @@ class KSymGrid(_OffsetDequant, GGUFGrid):
         """Signed sub-block scales [R, U, n_sub] -> fp16 d per unit and the integer sub-scales under it, as
         quantize_row_q3_K/q6_K do: the scale of largest magnitude maps to sc_lo (−32 / −128; or `top`), so d takes
         the sign that gives the negative side's extra step to it (a positive d would clamp it to sc_hi = −sc_lo − 1)."""
-        smax = _signed_absmax(scale)
+        smax = signed_absmax(scale)
         top = top or self.sc_lo
         iscale = torch.where(smax == 0, torch.zeros_like(smax), top / torch.where(smax == 0, 1.0, smax))
         d = _f16(torch.where(iscale == 0, torch.zeros_like(iscale), 1 / torch.where(iscale == 0, 1.0, iscale)))
