@@ -73,6 +73,7 @@ def _row(W, H, m, n, bits, device) -> dict:
     fa = layer_objective(W, grid.dequant(ra.codes, ra.params).float(), H)
     return {"layer (out x in)": f"{m} x {n}", "grid": f"W{bits} g128 asym", "device": device.type,
             "GPTQ s": tg, "ADMM-Q s": ta, "ratio": ta / tg, "ADMM iters": ra.stats["admm_iters"],
+            "of which ADMM s": ra.stats["admm_seconds"], "of which polish s": ra.stats["seconds_total"] - ra.stats["admm_seconds"],
             "f GPTQ/RTN": fg / fr, "f ADMM-Q/RTN": fa / fr, "GPU MiB GPTQ": mg, "GPU MiB ADMM-Q": ma}
 
 
@@ -83,13 +84,15 @@ def _save(rows: list[dict], device, quick: bool) -> None:
     md = [f"## Cost on LLM-sized layers, {'GPU' if cuda else 'CPU'} (`python -m bench --suite cost{' --quick' if quick else ''}`"
           f"{' on a CUDA host' if cuda else ''})", "",
           "Synthetic problems (Gaussian W; H from correlated activations with 1% outlier channels x5), one layer at a "
-          f"time on {where}, fp32 GEMMs (TF32 off on CUDA). ADMM-Q with the spec defaults (eigendecomposition "
-          "included in its time: one per layer here, nothing is shared). "
+          f"time on {where}, fp32 GEMMs (TF32 off on CUDA). ADMM-Q with the spec defaults (W-step by Cholesky "
+          "factors of H̃ + ρI, one per penalty value, included in its time: nothing is shared between layers here); "
+          "`of which ADMM s`: preconditioning, grid fit and the ADMM iterations; `of which polish s`: the local search "
+          "(and the comparison with the initial codes). "
           + ("" if cuda else "On this 2-core CPU only the 4096 x 4096 layer runs: 14336 x 4096 (gate/up, "
-             "3.5x the work) and 4096 x 14336 (down_proj, an fp64 eigendecomposition of a 14336² matrix) are left to the "
+             "3.5x the work) and 4096 x 14336 (down_proj, triangular solves with a 14336² factor) are left to the "
              "GPU machine (device tool), which was not lent to this run. ") +
           f"Peak RSS of the benchmark process: {rss:.0f} MiB.", "",
           md_table(rows, ["layer (out x in)", "grid", "device", "GPTQ s", "ADMM-Q s", "ratio", "ADMM iters", "f GPTQ/RTN",
-                          "f ADMM-Q/RTN", "GPU MiB GPTQ", "GPU MiB ADMM-Q", "error"]), "",
+                          "f ADMM-Q/RTN", "of which ADMM s", "of which polish s", "GPU MiB GPTQ", "GPU MiB ADMM-Q", "error"]), "",
           f"Machine: {machine()}"]
     save_section("cost_gpu" if cuda else "cost", "\n".join(md), {"rows": rows, "machine": machine(), "device": where})
