@@ -71,8 +71,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety-net", action="store_true",
                    help="ADMM-Q: also run GPTQ + local search and keep the lower layer objective")
     p.add_argument("--tune-steps", type=int, default=0,
-                   help="after quantizing: tune the grids' float fields (fp16 scales/mins; codes and integer fields fixed) and the norm weights end-to-end for N steps, KL to the original model on the calibration windows; kept only if KL on held-out calibration windows drops (default 0: off)")
+                   help="after quantizing: tune the grids' float fields (fp16 scales/mins; codes and integer fields fixed) and the norm weights end-to-end for N steps on the calibration windows, on --tune-loss; kept only if that loss on held-out calibration windows drops (default 0: off)")
     p.add_argument("--tune-lr", type=float, default=1e-4, help="with --tune-steps: Adam learning rate (default 1e-4)")
+    p.add_argument("--tune-loss", default="kl", help="with --tune-steps: what is tuned and guarded: kl (to the original model; default) or ce (next-token cross-entropy of the calibration text, which may move the model past the original)")
     p.add_argument("--onnx-scale-dtype", default="fp32", choices=["fp32", "fp16"],
                    help="--to onnx: DequantizeLinear scale dtype; fp32 (default) is exact, fp16 makes the weight fp16((q-z)*s)")
     p.add_argument("--json-report", default=None, help="write per-layer statistics as JSON here")
@@ -112,8 +113,9 @@ def _check_finite(model) -> None:
 
 def _tune_summary(t: dict) -> str:
     verdict = "kept" if t["kept"] else "discarded (no held-out gain)"
-    return (f"{t['steps']} steps on {t['tensors']} tensors + {t['norms']} norms, held-out KL "
-            f"{t['heldout_kl_before']:.4g} -> {t['heldout_kl_after']:.4g}: {verdict}, {t['seconds']:.0f}s")
+    return (f"{t['steps']} steps ({t['loss']}) on {t['tensors']} tensors + {t['norms']} norms, held-out KL "
+            f"{t['heldout_kl_before']:.4g} -> {t['heldout_kl_after']:.4g}, CE {t['heldout_ce_before']:.4g} -> "
+            f"{t['heldout_ce_after']:.4g}: {verdict}, {t['seconds']:.0f}s")
 
 
 def cmd_export(argv) -> int:
@@ -140,7 +142,7 @@ def cmd_export(argv) -> int:
     elif a.onnx_scale_dtype != "fp32":
         raise UserError(f"--onnx-scale-dtype applies to --to onnx, not --to {a.to}", "drop --onnx-scale-dtype")
     plan = conv.planned(typ, QuantOptions(a.bits, a.group_size, a.sym), a.fallback)
-    check_tune_options(a.tune_steps, a.tune_lr, a.nsamples)
+    check_tune_options(a.tune_steps, a.tune_lr, a.nsamples, a.tune_loss)
     t0 = time.time()
     lm = load_model(a.model)
     _check_finite(lm.model)
@@ -167,7 +169,8 @@ def cmd_export(argv) -> int:
     ir.gguf_tokenizer = lm.gguf_tokenizer
     report = {f"fallback {k}": v for k, v in plan.fallbacks.items()}
     if a.tune_steps:
-        ir.meta["tune"] = tune_ir(ir, load_model(a.model).model, samples, a.tune_steps, a.tune_lr, not a.quiet)
+        ir.meta["tune"] = tune_ir(ir, load_model(a.model).model, samples, a.tune_steps, a.tune_lr, not a.quiet,
+                                  a.tune_loss)
         report["tune"] = _tune_summary(ir.meta["tune"])
     import tempfile
 

@@ -4,12 +4,14 @@ The layer-wise quantizers minimise each linear's own error; what a user measures
 After the pipeline, this pass adjusts only what the target format stores as floats and the quantizer did not
 choose as integers: each grid's floating parameters (GGUF `d`/`dmin`/`m`, GPTQ/Marlin/ONNX group scales; integer
 codes, zero points and K-quant sub-scales stay as they are) and the norm weights (stored as float in every
-format), to minimise KL(original || quantized) of the next-token distributions on the calibration windows.
-Adam, one window per step; grid fields move by a relative factor (1 + s), norms additively. The result is
+format), to minimise a loss on the calibration windows: `kl` (default), KL(original || quantized) of the
+next-token distributions, which pulls the model back towards the original; or `ce`, the next-token cross-entropy
+of the calibration text itself (no original model in the loop), which may also move it past the original. Adam, one window per step; grid fields move by a relative factor (1 + s), norms additively. The result is
 rounded to each field's storage dtype, so the IR stays exact and every converter still only packs it.
 
-Guard: KL on a few held-out calibration windows (not used for steps) is measured before and after with the
-exact, stored weights; the tuned fields are kept only if it dropped.
+Guard: the loss (KL, or cross-entropy) on a few held-out calibration windows (not used for steps) is measured
+before and after with the exact, stored weights; the tuned fields are kept only if it dropped. Both held-out KL
+and cross-entropy are recorded, whichever loss was tuned.
 Token embeddings and an untied output head are not tuned.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .evaluate import Windows, perplexity
 from .ir import QuantizedModel
 
 HELD_OUT = 4  # calibration windows kept for the guard (the last ones)
+LOSSES = ("kl", "ce")
 
 
 def _kl(teacher_lp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -32,13 +35,17 @@ def _kl(teacher_lp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     return (teacher_lp.exp() * (teacher_lp - lp)).sum(-1).mean()
 
 
-def _heldout_kl(student, teacher, windows: torch.Tensor) -> float:
-    """Mean next-token KL(teacher || student) over the windows' positions that have a next token (evaluate.perplexity's KLD)."""
-    return perplexity(student, Windows(windows, 0), reference=teacher)["kld"]
+def _heldout(student, teacher, windows: torch.Tensor) -> dict:
+    """Mean next-token KL(teacher || student) and cross-entropy (nats) over the windows' positions that have a next
+    token (evaluate.perplexity's KLD and NLL)."""
+    r = perplexity(student, Windows(windows, 0), reference=teacher)
+    return {"kl": r["kld"], "ce": r["nll"]}
 
 
-def check_options(steps: int, lr: float, nsamples: int) -> None:
+def check_options(steps: int, lr: float, nsamples: int, loss: str = "kl") -> None:
     """The CLI's options for this pass (steps 0: off), checked before any work is done."""
+    if loss not in LOSSES:
+        raise UserError(f"--tune-loss {loss!r} is not a tuning loss", f"use one of: {', '.join(LOSSES)}")
     if steps < 0 or (steps and not lr > 0):
         raise UserError(f"--tune-steps {steps} / --tune-lr {lr}: need a step count >= 0 and a positive rate",
                         "pass e.g. --tune-steps 128 --tune-lr 1e-4, or leave both out")
@@ -81,11 +88,12 @@ class _Tunable:
 
 
 def tune_ir(ir: QuantizedModel, teacher, samples: torch.Tensor, steps: int, lr: float = 1e-4,
-            progress: bool = True) -> dict:
-    """Tune `ir` in place (float fields of its decoder linears and its norm weights); returns statistics."""
+            progress: bool = True, loss: str = "kl") -> dict:
+    """Tune `ir` in place (float fields of its decoder linears and its norm weights) on `loss` (LOSSES); returns
+    statistics."""
     from .fakequant import model_from_ir
 
-    check_options(steps, lr, samples.shape[0])
+    check_options(steps, lr, samples.shape[0], loss)
     if steps == 0:
         raise UserError("tune_ir was asked for 0 steps", "pass --tune-steps N with N >= 1, or leave it out")
     train, held = samples[:-HELD_OUT], samples[-HELD_OUT:]
@@ -99,7 +107,7 @@ def tune_ir(ir: QuantizedModel, teacher, samples: torch.Tensor, steps: int, lr: 
     tunables = [t for t in tunables if t.factors]
     norms = {n: p for n, p in student.named_parameters() if "norm" in n and n in ir.tensors}
     base_norms = {n: p.detach().clone() for n, p in norms.items()}
-    kl_before = _heldout_kl(student, teacher, held)
+    before = _heldout(student, teacher, held)
     for t in tunables:
         t.install()
     for p in norms.values():
@@ -111,21 +119,25 @@ def tune_ir(ir: QuantizedModel, teacher, samples: torch.Tensor, steps: int, lr: 
     bar = tqdm(range(steps), desc="tune", unit="step", disable=not progress)
     for step in bar:
         ids = train[step % len(train)].unsqueeze(0)
-        with torch.no_grad():
-            tl = F.log_softmax(teacher(ids, use_cache=False).logits[0].float(), -1)
-        loss = _kl(tl, student(ids, use_cache=False).logits[0])
+        logits = student(ids, use_cache=False).logits[0]
+        if loss == "kl":
+            with torch.no_grad():
+                tl = F.log_softmax(teacher(ids, use_cache=False).logits[0].float(), -1)
+            value = _kl(tl, logits)
+        else:
+            value = F.cross_entropy(logits[:-1].float(), ids[0, 1:])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        losses.append(float(loss))
-        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+        losses.append(float(value))
+        bar.set_postfix({loss: f"{losses[-1]:.4f}"})
     for p in norms.values():
         p.requires_grad_(False)
     originals = [dict(t.ql.params) for t in tunables]  # store() replaces the entries, never writes into them
     for t in tunables:
         t.store()
-    kl_after = _heldout_kl(student, teacher, held)
-    kept = kl_after < kl_before
+    after = _heldout(student, teacher, held)
+    kept = after[loss] < before[loss]
     if kept:
         for n, p in norms.items():
             ir.tensors[n] = p.detach().float().clone()
@@ -135,8 +147,9 @@ def tune_ir(ir: QuantizedModel, teacher, samples: torch.Tensor, steps: int, lr: 
         for n in norms:
             ir.tensors[n] = base_norms[n]
     k = max(1, min(8, steps // 4))
-    return {"steps": steps, "lr": lr, "tensors": len(tunables), "norms": len(norms),
+    return {"steps": steps, "lr": lr, "loss": loss, "tensors": len(tunables), "norms": len(norms),
             "fields": sum(s.numel() for t in tunables for s in t.factors.values()),
             "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
-            "heldout_kl_before": kl_before, "heldout_kl_after": kl_after, "kept": kept,
+            "heldout_kl_before": before["kl"], "heldout_kl_after": after["kl"],
+            "heldout_ce_before": before["ce"], "heldout_ce_after": after["ce"], "kept": kept,
             "seconds": round(time.time() - t0, 2)}

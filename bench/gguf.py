@@ -26,7 +26,10 @@ METHODS = {"rtn": [], "gptq": [], "admmq": ["--clip-search", "--refit"],
            "admmq+tune": ["--clip-search", "--refit", "--tune-steps", str(CALIB_NSAMPLES), "--tune-lr", "1e-4"],
            # the refitting clipping search (llama.cpp's scale-search idea: each candidate range with its LS scales)
            "admmq+lsclip": ["--clip-search", "--clip-mode", "refit", "--refit"],
-           "admmq+lsclip+tune": ["--clip-search", "--clip-mode", "refit", "--refit", "--tune-steps", str(CALIB_NSAMPLES), "--tune-lr", "1e-4"]}
+           "admmq+lsclip+tune": ["--clip-search", "--clip-mode", "refit", "--refit", "--tune-steps", str(CALIB_NSAMPLES), "--tune-lr", "1e-4"],
+           # the same tuning on the calibration text's own next-token cross-entropy (no original model in the loop)
+           "admmq+lsclip+tunece": ["--clip-search", "--clip-mode", "refit", "--refit", "--tune-steps", str(CALIB_NSAMPLES),
+                                   "--tune-lr", "1e-4", "--tune-loss", "ce"]}
 # asymmetric calibration (--asym-calib, GPTAQ-style) beside the plain rows, where the CPU budget allows it (at up to
 # 32 calibration samples; a run at more keeps the rows recorded at 32, with their `calib`)
 ASYM = {("smollm2", "q3_k_m")} if CALIB_NSAMPLES <= 32 else set()
@@ -257,7 +260,10 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
           "model's inputs). `ADMMQ+TUNE`: ADMM-Q as above, then `--tune-steps` (one step per calibration window): the "
           "fp16 block fields the format stores as floats (`d`, `dmin`; codes, sub-scales and mins fixed) and the norm "
           "weights tuned end to end by Adam on KL to the original model over the calibration windows, kept only if KL "
-          "on 4 held-out calibration windows drops; its `seconds` include that pass."
+          "on 4 held-out calibration windows drops; its `seconds` include that pass. `+TUNECE`: the same pass on "
+          "`--tune-loss ce`, the calibration text's own next-token cross-entropy (the original model is not in the "
+          "loop; kept only if held-out cross-entropy drops): it can move the model past the original on text like "
+          "the calibration's, so its KLD says how far it stays from the original model."
           " A rerun re-measures llama.cpp's own rows; its tools are built for the host (GGML_NATIVE) and their "
           "perplexities can move by ~0.1 between builds, so each share below is computed against the imatrix file "
           "measured in the same run as the row (its `imatrix_ppl`)."
