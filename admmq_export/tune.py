@@ -6,7 +6,8 @@ choose as integers: each grid's floating parameters (GGUF `d`/`dmin`/`m`, GPTQ/M
 codes, zero points and K-quant sub-scales stay as they are) and the norm weights (stored as float in every
 format), to minimise a loss on the calibration windows: `kl` (default), KL(original || quantized) of the
 next-token distributions, which pulls the model back towards the original; or `ce`, the next-token cross-entropy
-of the calibration text itself (no original model in the loop), which may also move it past the original. Adam, one window per step; grid fields move by a relative factor (1 + s), norms additively. The result is
+of the calibration text itself (no original model in the loop), which may also move it past the original.
+Adam, one window per step; grid fields move by a relative factor (1 + s), norms additively. The result is
 rounded to each field's storage dtype, so the IR stays exact and every converter still only packs it.
 
 Guard: the loss (KL, or cross-entropy) on a few held-out calibration windows (not used for steps) is measured
