@@ -23,6 +23,11 @@ def _target(to: str, bits: int, group: int, sym: bool) -> str:
     return f"{to} W{bits} g{group} {'sym' if sym else 'asym'}"
 
 
+def _key(run: tuple) -> tuple[str, str]:
+    """(model, target) of an entry of RUNS, as a table row names it."""
+    return run[0], _target(*run[1:5])
+
+
 def _selected(quick: bool) -> list[tuple]:
     """The runs of this call: BENCH_GPTQ_ONLY="gemma3-270m:marlin W4 g128 sym,smollm2:gptq W3 g64 sym" reruns
     these (model:target as in the table); else all (quick: SmolLM2 W4 g64 asym, RTN and GPTQ)."""
@@ -32,9 +37,9 @@ def _selected(quick: bool) -> list[tuple]:
     if not only:
         return RUNS
     want = {tuple(x.strip().split(":", 1)) for x in only.split(",")}
-    runs = [r for r in RUNS if (r[0], _target(*r[1:5])) in want]
+    runs = [r for r in RUNS if _key(r) in want]
     if len(runs) != len(want):
-        known = ", ".join(f"{r[0]}:{_target(*r[1:5])}" for r in RUNS)
+        known = ", ".join(":".join(_key(r)) for r in RUNS)
         raise SystemExit(f"BENCH_GPTQ_ONLY={only!r}: unknown entry; the runs are: {known}")
     return runs
 
@@ -45,14 +50,14 @@ def run(quick: bool = False) -> None:
     runs = _selected(quick)
     # a partial rerun keeps the recorded rows of the runs it does not repeat (rows recorded before the `calib`
     # column predate BOS-first calibration: their windows were as cut)
-    prev = recorded("gptq") if os.environ.get("BENCH_GPTQ_ONLY") else {}
-    redo = {(r[0], _target(*r[1:5])) for r in runs}
-    keep = [{"calib": f"{nsamples} x {seqlen}", **r} for r in mark_kept(prev.get("rows", []), prev)
+    prev = recorded("gptq") if not quick and os.environ.get("BENCH_GPTQ_ONLY") else {}
+    redo = {_key(r) for r in runs}
+    keep = [{"calib": calib_label(nsamples, seqlen, None), **r} for r in mark_kept(prev.get("rows", []), prev)
             if r.get("target") != "original" and (r["model"], r["target"]) not in redo]
-    rows = []
+    # the `original` row of every model in the table, rerun or kept, is measured in this run
+    models = dict.fromkeys([r[0] for r in runs] + [r["model"] for r in keep])
+    rows = [{"model": m, "target": "original", "ppl_file": evaluate(m, WIKI, "llamacpp", wl)["ppl"]} for m in models]
     for model, to, bits, group, sym, methods in runs:
-        if not any(r["model"] == model and r["target"] == "original" for r in rows):
-            rows.append({"model": model, "target": "original", "ppl_file": evaluate(model, WIKI, "llamacpp", wl)["ppl"]})
         for method in methods:
             out = OUT / "gptq" / f"{model}-{method}-{to}-w{bits}g{group}{'s' if sym else 'a'}"
             rep = export(model, to, out, "--method", method, "--bits", str(bits), "--group-size", str(group),
@@ -68,9 +73,6 @@ def run(quick: bool = False) -> None:
                          "bit-exact": "yes" if ok else "NO", "marlin layers": f"{sum('marlin' in r['kernels'] for r in pre)}/{len(pre)}",
                          "format": rep["report"].get("checkpoint_format"), "export_s": rep["wall_seconds"],
                          "reused": "yes" if rep.get("reused") else ""})
-    for r in keep:  # each model's `original` row is measured in every run; a kept row needs its model's
-        if not any(x["model"] == r["model"] and x["target"] == "original" for x in rows):
-            rows.append({"model": r["model"], "target": "original", "ppl_file": evaluate(r["model"], WIKI, "llamacpp", wl)["ppl"]})
     rows = _ordered(rows + keep)
     cmd = f"{run_knobs('BENCH_GPTQ_ONLY', 'BENCH_REUSE')}python -m bench --suite gptq{' --quick' if quick else ''}"
     kept = "" if not keep else (
@@ -95,7 +97,7 @@ def run(quick: bool = False) -> None:
 
 def _ordered(rows: list[dict]) -> list[dict]:
     """Rows in RUNS order (each model's `original` row first), methods in RTN, GPTQ, ADMM-Q order."""
-    order = {(r[0], _target(*r[1:5])): i for i, r in enumerate(RUNS)}
+    order = {_key(r): i for i, r in enumerate(RUNS)}
     first = {}
     for r in rows:
         if r["target"] != "original":
