@@ -117,6 +117,8 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
             new.append({"model": model, "file": f"llama.cpp {preset.upper()}{' + imatrix' if imatrix else ''}",
                         "preset": preset, "seconds": time.time() - ts, "MiB": out.stat().st_size / 2**20,
                         **perplexity(out, chunks, kld_base=base)})
+        src = _source_row(model, preset, d / f"llamacpp-{preset}.gguf", chunks, base)
+        new += [src] if src else []
         methods = {**METHODS, **(ASYM_METHODS if (model, preset) in ASYM else {})}
         methods = {k: v for k, v in methods.items() if _picked(k)}
         for method, opts in methods.items():
@@ -143,6 +145,58 @@ def one_model(model: str, presets: list[str], chunks: int, nsamples: int, seqlen
                                 "share_of_imatrix_excess_removed": removed,
                                 "target_met(≥0.5)": removed >= 0.5 if preset in TARGET_PRESETS else "-"})
         yield rows, summary
+
+
+def _tensor_types(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def _source_row(model: str, preset: str, llamacpp_file: Path, chunks: int, base: Path) -> dict | None:
+    """The model's own distributed GGUF, measured like every file, where its tensor types are exactly those of
+    llama.cpp's file for this preset (Gemma-3-270M Q4_K_M): the most faithful file of that preset there can be, so
+    its excess over f32 is what llama.cpp's activation quantization alone costs. None elsewhere."""
+    from admmq_export.models import resolve_model_path
+
+    src = resolve_model_path(model)
+    if src.suffix != ".gguf" or _tensor_types(src) != _tensor_types(llamacpp_file):
+        return None
+    return {"model": model, "file": f"source file ({src.name}, the model as distributed)", "preset": preset,
+            "method": "source file", "MiB": src.stat().st_size / 2**20, **perplexity(src, chunks, kld_base=base)}
+
+
+def _source_note(rows, summary) -> str:
+    """A sentence on each `source file` row and its share ('' if none)."""
+    out = []
+    for r in rows:
+        if r.get("method") != "source file" or "ppl" not in r:
+            continue
+        s = next((x for x in summary if x["method"] == "source file" and x["model"] == r["model"]
+                  and x["preset"] == r["preset"].upper()), None)
+        share = f", a share of {s['share_of_imatrix_excess_removed']:.2f} against the imatrix file of its run" if s else ""
+        out.append(f" `source file` ({r['model']} {r['preset'].upper()}): the model's own GGUF, whose tensor types are "
+                   f"exactly the preset's, so no file of that preset can hold the model more faithfully; llama.cpp "
+                   f"measures it at ppl {r['ppl']:.2f}, KLD {r['kld']:.4g}{share}: its excess over f32 is what "
+                   "llama.cpp's 8-bit activation quantization costs on the model's own weights, a floor that the "
+                   "share target at this cell asks a faithful file to go below.")
+    return "".join(out)
+
+
+def _tunece_example(rows) -> str:
+    """': at <model> <PRESET> its ppl (x) is below the f32 model's (y) while its KLD is k times the untuned file's' for
+    the first `+TUNECE` row that goes below f32 ('' if none does)."""
+    get = lambda m, p, meth: next((r for r in rows if r["model"] == m and r.get("preset") == p  # noqa: E731
+                                   and r.get("method") == meth and "ppl" in r), None)
+    for r in rows:
+        if not (r.get("method") or "").endswith("+tunece") or "ppl" not in r:
+            continue
+        f32 = next((x for x in rows if x["model"] == r["model"] and x["file"].startswith("f32") and "ppl" in x), None)
+        plain = get(r["model"], r["preset"], r["method"].removesuffix("+tunece"))
+        if f32 and plain and r["ppl"] < f32["ppl"] and plain.get("kld"):
+            return (f": at {r['model']} {r['preset'].upper()} its ppl ({r['ppl']:.2f}) is below the f32 model's "
+                    f"({f32['ppl']:.2f}) while its KLD is {r['kld'] / plain['kld']:.1f} times the untuned file's")
+    return ""
 
 
 def _picked(method: str) -> bool:
@@ -263,13 +317,12 @@ def _save(rows, summary, quick, chunks, total_s, note="", mach=None) -> None:
           "on 4 held-out calibration windows drops; its `seconds` include that pass. `+TUNECE`: the same pass on "
           "`--tune-loss ce`, the calibration text's own next-token cross-entropy (the original model is not in the "
           "loop; kept only if held-out cross-entropy drops): it can move the model past the original on text like "
-          "the calibration's, so its KLD says how far it stays from the original model: at Gemma-3-270M Q4_K_M its ppl "
-          "(20.00) is below the f32 model's (20.19) while its KLD doubles that of the untuned file, so a `+TUNECE` "
+          f"the calibration's, so its KLD says how far it stays from the original model{_tunece_example(rows)}, so a `+TUNECE` "
           "row's share measures fitting to text, not how faithfully the file holds the model, and can exceed 1."
           " A rerun re-measures llama.cpp's own rows; its tools are built for the host (GGML_NATIVE) and their "
           "perplexities can move by ~0.1 between builds, so each share below is computed against the imatrix file "
           "measured in the same run as the row (its `imatrix_ppl`)."
-          f"{_size_note(rows)}{_types_note(rows)} "
+          f"{_size_note(rows)}{_types_note(rows)}{_source_note(rows, summary)} "
           "Gemma-3-270M is only reachable offline as a Q4_K_M GGUF: its weights already sit on llama.cpp's Q4_K_M grid, so `llama-quantize` Q4_K_M (whose scale search lands on the same block values) nearly re-finds the original file — a re-quantization artefact, not a quantizer comparison; our min/max grid fit does not re-find those blocks, the per-sub-block refit search of `--clip-mode refit` does (Q4_K and Q6_K tensors to ~1e-8 relative error), and then both files hold nearly the source's weights and differ by llama.cpp's activation quantization. SmolLM2-135M comes from a Q4_1 file, which none of the presets reproduces whole; but its FFN-down tensors at Q4_K (sub-blocks of 32 with a min, as Q4_1) nearly re-find those blocks, so there the error left is the rounding of the 6-bit sub-scales and mins, which is what `--refit` optimises and what no code search can change.", "",
           md_table(rows, ["model", "calib", "file", "options", "MiB", "ppl", "excess", "kld", "ppl_ir", "seconds"]), "",
           "`ppl_ir`: our own evaluation (fp32 torch, the same windows) of the weights the file holds, from our IR (f32 "
