@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark suites: run the real CLI, evaluate, record the machine and versions."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -95,10 +96,12 @@ def machine() -> dict:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    for mod in ("gguf", "onnxruntime", "llama_cpp"):
+    # installed versions of the optional packages the rows depend on (from their metadata: nothing is imported)
+    for key, dist in (("gguf", "gguf"), ("onnxruntime", "onnxruntime"), ("llama_cpp", "llama_cpp_python"),
+                      ("auto_round", "auto-round")):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional
+            info[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return info
 
