@@ -186,13 +186,12 @@ def _source_note(rows, summary) -> str:
 def _tunece_example(rows) -> str:
     """': at <model> <PRESET> its ppl (x) is below the f32 model's (y) while its KLD is k times the untuned file's' for
     the first `+TUNECE` row that goes below f32 ('' if none does)."""
-    get = lambda m, p, meth: next((r for r in rows if r["model"] == m and r.get("preset") == p  # noqa: E731
-                                   and r.get("method") == meth and "ppl" in r), None)
     for r in rows:
         if not (r.get("method") or "").endswith("+tunece") or "ppl" not in r:
             continue
         f32 = next((x for x in rows if x["model"] == r["model"] and x["file"].startswith("f32") and "ppl" in x), None)
-        plain = get(r["model"], r["preset"], r["method"].removesuffix("+tunece"))
+        plain = next((x for x in rows if x["model"] == r["model"] and x.get("preset") == r["preset"]
+                      and x.get("method") == r["method"].removesuffix("+tunece") and "ppl" in x), None)
         if f32 and plain and r["ppl"] < f32["ppl"] and plain.get("kld"):
             return (f": at {r['model']} {r['preset'].upper()} its ppl ({r['ppl']:.2f}) is below the f32 model's "
                     f"({f32['ppl']:.2f}) while its KLD is {r['kld'] / plain['kld']:.1f} times the untuned file's")
