@@ -1,9 +1,8 @@
 """Format registry: IR -> file. Each converter names the grids it accepts (its plan) and packs codes."""
 from __future__ import annotations
 
-import importlib
-
 from admmq_export.errors import UserError
+from admmq_export.plugins import load_modules
 
 from .base import Converter
 
@@ -17,12 +16,7 @@ def register(conv: Converter) -> Converter:
 
 
 def _load_all() -> None:
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
+    load_modules(__name__, _MODULES)
 
 
 def get_converter(target: str) -> tuple[Converter, str | None]:

@@ -5,7 +5,6 @@ Each format registers a checker: (detect(path) -> bool, check(path, ir) -> rows)
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ import torch
 from admmq_export.errors import UserError
 from admmq_export.fakequant import ir_path_for, is_ir_dir
 from admmq_export.ir import QuantizedModel
+from admmq_export.plugins import load_modules
 
 CHECKERS: list = []
 _MODULES = ("gguf", "gptq", "onnx")
@@ -62,12 +62,7 @@ def check_output(path: str) -> list[dict]:
     ir = QuantizedModel.load(ir_dir)
     if is_ir_dir(p):
         return check_ir(p, ir)
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
+    load_modules(__name__, _MODULES)
     rows = check_ir(ir_dir, ir)
     for detect, check in CHECKERS:
         if detect(p):

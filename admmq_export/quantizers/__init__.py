@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..plugins import load_modules
 
 
 @dataclass
@@ -41,14 +42,7 @@ def get_quantizer(name: str):
 
 
 def _load_all():
-    import importlib
-
-    for mod in ("rtn", "gptq", "admmq"):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
+    load_modules(__name__, ("rtn", "gptq", "admmq"))
 
 
 def nearest_codes(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, qmax: int) -> torch.Tensor:
