@@ -19,7 +19,7 @@ F, T = False, True
 MODELS = {"smollm2": [(4, 64, F), (4, 32, F), (3, 64, F), (3, 64, T), (3, 32, F), (2, 64, F), (2, 32, F)],
           "gemma3-270m": [(4, 128, F), (4, 64, F), (4, 32, F), (3, 128, F), (3, 64, F), (3, 32, F), (2, 128, F),
                           (2, 64, F), (2, 32, F)]}
-METHODS = ["rtn", "gptq", "admmq", "autoround"]  # AutoRound: ~35 min of CPU per grid at iters=50
+METHODS = ["rtn", "gptq", "admmq", "autoround"]  # AutoRound: 12-20 min of CPU per grid at iters=50, 32 windows
 TITLES = {"smollm2": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 PLOTS = {"smollm2": "quality_ppl_bits.png", "gemma3-270m": "quality_ppl_bits_gemma3.png"}
 
@@ -197,7 +197,8 @@ def _stories_md(rows: list[dict]) -> list[str]:
     return ["### stories260K", "", qs.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(), "",
             md_table(rows, ["grid", "method", "calib", "ppl_file", "ppl_ir", "kld", "quant_s"]), "",
             f"`ppl_file`: the ONNX file in ONNX Runtime; `ppl_ir`: our fake-quant IR; {qs.WINDOWS} TinyStories windows of "
-            f"{qs.SEQLEN} tokens. Fallbacks, per grid (the same for every method): {_fallbacks_by_grid(rows)}.", "",
+            f"{qs.SEQLEN} tokens. Fallbacks, per grid (the same for RTN, GPTQ and ADMM-Q): {_fallbacks_by_grid(rows)}.",
+            *_ar_skipped_note(rows), "",
             qs.plot(rows, _bpw), ""]
 
 
@@ -208,6 +209,12 @@ def _fallbacks_by_grid(rows: list[dict]) -> str:
         if r.get("fallback") and r["fallback"] != "-":
             seen.setdefault(r["grid"], r["fallback"])
     return "; ".join(f"{g}: {fb}" for g, fb in seen.items()) or "none"
+
+
+def _ar_skipped_note(rows: list[dict]) -> list[str]:
+    """AutoRound's unquantized linears per grid, from its checkpoints ([] if it has no rows)."""
+    ar = [f"{r['grid']}: {r['skipped']}" for r in rows if r.get("skipped")]
+    return [f"Left unquantized (fp32) by AutoRound, per grid: {'; '.join(ar)}."] if ar else []
 
 
 def _gname(bits: int, group: int, sym: bool) -> str:

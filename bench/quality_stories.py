@@ -5,10 +5,15 @@ Its FFN down projection has in-dim 172 (= 4 x 43), which no group of 32 divides:
 per-channel fallback (`--fallback per-channel`, reported by the export) on every row alike. Calibration: C4 windows
 of the model's whole context (128 tokens; the issues' 128 samples), seed 0, BOS first (its tokenizer adds one).
 Evaluation: TinyStories (the model's own domain; ../shared/data/tinystories-sample.txt), llama.cpp protocol with
-128-token windows, KLD vs the fp32 model.
+128-token windows, KLD vs the fp32 model. AutoRound (iters=50, batch 4, the same windows, its `auto_gptq` export
+read back by our GPTQ loader) skips every linear with a dim its group size does not divide, so its rows are not on
+the same grid: the linears it left unquantized are named under the table, and its rows are left out of the plot.
 """
 from __future__ import annotations
 
+import json
+
+from .autoround_peer import autoround
 from .common import OUT, calib_label, evaluate, export, ppl_plot
 
 MODEL = "stories260k"
@@ -18,6 +23,7 @@ METHODS = ["rtn", "gptq", "admmq"]
 SEQLEN = 128
 NSAMPLES = 128
 WINDOWS = 48  # of the sample's ~7.5k tokens, 48 x 128 (the second half of each window scored)
+AR_ITERS = 50
 
 
 def _eval(target: str, reference: str | None = None) -> dict:
@@ -40,7 +46,26 @@ def run(gname) -> tuple[list[dict], dict]:
                          "ppl_file": f["ppl"], "ppl_ir": _eval(f"{out}.ir")["ppl"], "kld": f.get("kld"),
                          "quant_s": sum(s["seconds"] for s in rep["stats"].values()),
                          "fallback": _fallbacks(rep["report"])})
+        rows.append(_autoround_row(bits, group, sym, gname(bits, group, sym)))
     return rows, base
+
+
+def _autoround_row(bits: int, group: int, sym: bool, grid: str) -> dict:
+    out = OUT / "quality" / f"stories-autoround-w{bits}g{group}{'s' if sym else 'a'}"
+    ar = autoround(MODEL, out, "auto_gptq", NSAMPLES, SEQLEN, AR_ITERS, bits, group, sym)
+    if "error" in ar:
+        return {"grid": grid, "method": f"autoround (not measured: {ar['error']})"}
+    f = _eval(str(out), MODEL)
+    return {"grid": grid, "method": f"autoround iters={AR_ITERS}", "calib": calib_label(NSAMPLES, SEQLEN, ar["calib_bos"]),
+            "ppl_file": f["ppl"], "kld": f.get("kld"), "quant_s": ar["seconds"], "skipped": _skipped(out)}
+
+
+def _skipped(ckpt) -> str:
+    """'15 linears (mlp.down_proj, ...)': the modules a GPTQModel-style checkpoint excludes (`dynamic` '-:' rules)."""
+    dyn = json.loads((ckpt / "config.json").read_text())["quantization_config"].get("dynamic", {})
+    mods = [k[2:].replace("\\", "").strip(".*") for k in dyn if k.startswith("-:")]
+    kinds = sorted({".".join(m.split(".")[-2:]) for m in mods})
+    return f"{len(mods)} linears ({', '.join(kinds)})" if mods else "none"
 
 
 def _fallbacks(report: dict) -> str:
@@ -54,7 +79,7 @@ def _fallbacks(report: dict) -> str:
 
 def plot(rows: list[dict], bpw) -> str:
     """ppl vs bits per weight per method (`bpw(grid name)`); the image's markdown."""
-    series = {m: [(bpw(r["grid"]), r["ppl_file"]) for r in rows if r["method"] == m] for m in METHODS}
+    series = {m: [(bpw(r["grid"]), r["ppl_file"]) for r in rows if r["method"] == m] for m in METHODS}  # same grid only
     ppl_plot("quality_stories_ppl_bits.png", series, rows[0]["ppl_file"], "fp32", "bits per weight (codes + group "
              "parameters)", "TinyStories perplexity", "stories260K: perplexity vs bits")
     return "![stories260K ppl vs bits](bench/plots/quality_stories_ppl_bits.png)"
