@@ -19,7 +19,7 @@ F, T = False, True
 MODELS = {"smollm2": [(4, 64, F), (4, 32, F), (3, 64, F), (3, 64, T), (3, 32, F), (2, 64, F), (2, 32, F)],
           "gemma3-270m": [(4, 128, F), (4, 64, F), (4, 32, F), (3, 128, F), (3, 64, F), (3, 32, F), (2, 128, F),
                           (2, 64, F), (2, 32, F)]}
-METHODS = ["rtn", "gptq", "admmq", "autoround"]  # AutoRound: 12-20 min of CPU per grid at iters=50, 32 windows
+METHODS = ["rtn", "gptq", "admmq", "autoround"]  # AutoRound: 11-13 min of CPU per grid at iters=50, 32 windows, 2 cores
 TITLES = {"smollm2": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 PLOTS = {"smollm2": "quality_ppl_bits.png", "gemma3-270m": "quality_ppl_bits_gemma3.png"}
 
