@@ -237,7 +237,11 @@ def _kept_note(kept: list[dict]) -> list[str]:
     cpus = ", ".join(sorted({r["machine_cpu"] for r in kept}))
     return [f"Rows of {grids} are kept from earlier runs of this suite (column `calib`; machine {cpus}; "
             "`BENCH_QUALITY_ONLY` / `BENCH_QUALITY_METHODS` reran the others); the original models' rows are "
-            "re-measured.", ""]
+            "re-measured. Rows of different runs are not reruns of each other to the bit: GPTQ's and ADMM-Q's codes "
+            "follow the host's float summation order (README, Reproducibility). SmolLM2 W4 g32 asym, measured with the "
+            "same code on 12-07 (Intel Xeon) and on 12-08 (AMD EPYC, AVX2, 1.6-1.8x slower): GPTQ 38.40 -> 37.83, ADMM-Q "
+            "32.85 -> 33.04 (`quant_s` 32.5 -> 57.6 s, 68.7 -> 106.3 s). So compare times within a run; each grid's "
+            "GPTQ and ADMM-Q rows, whose times give the time ratio below, come from one host.", ""]
 
 
 def _bpw(grid: str) -> float:

@@ -8,6 +8,11 @@ Evaluation: TinyStories (the model's own domain; ../shared/data/tinystories-samp
 128-token windows, KLD vs the fp32 model. AutoRound (iters=50, batch 4, the same windows, its `auto_gptq` export
 read back by our GPTQ loader) skips every linear with a dim its group size does not divide, so its rows are not on
 the same grid: the linears it left unquantized are named under the table, and its rows are left out of the plot.
+ADMM-Q's codes follow the CPU's float summation order (README, Reproducibility); on these tiny layers that moves
+its rows by a few per cent. Measured on 2 AMD EPYC cores (AVX2, 2 threads: the table's rows), the same exports at
+OMP_NUM_THREADS=1 and with ATEN_CPU_CAPABILITY=default (no SIMD) gave W4 5.620 / 5.662, W3 8.136 / 8.221, W2 137.1
+(the same IR) / 143.0, and an earlier run (93efe25: the same quantizer code, another environment) recorded 5.557 / 8.063 / 142.0: ADMM-Q stays
+ahead of GPTQ throughout. RTN (W4) and GPTQ (W4, W2) wrote byte-identical IRs in every setting.
 """
 from __future__ import annotations
 
