@@ -27,17 +27,18 @@ def shared_data(name: str) -> str:
     return str(shared("data", name))
 
 
-def cli(*args: str, timeout: int = 7200) -> tuple[float, str]:
-    """Run `admmq-export ARGS` in a subprocess; (seconds, stdout). Raises with stderr on failure."""
+def cli(*args: str, timeout: int = 7200, env: dict | None = None) -> tuple[float, str]:
+    """Run `admmq-export ARGS` in a subprocess (`env`: variables set on top of ours); (seconds, stdout). Raises with
+    stderr on failure."""
     t = time.time()
     p = subprocess.run([sys.executable, "-m", "admmq_export", *args], capture_output=True, text=True, timeout=timeout,
-                       cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if p.returncode:
         raise RuntimeError(f"admmq-export {' '.join(args)} failed: {p.stderr.strip()[-2000:]}")
     return time.time() - t, p.stdout
 
 
-def export(model: str, to: str, out: Path, *extra: str) -> dict:
+def export(model: str, to: str, out: Path, *extra: str, env: dict | None = None) -> dict:
     """Export and return the JSON report (stats per layer, seconds, peak RSS), with `wall_seconds` and `reused`.
 
     With BENCH_REUSE=1 an output written earlier by this function with the same arguments (its `.bench.json`
@@ -45,13 +46,14 @@ def export(model: str, to: str, out: Path, *extra: str) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     rep = out.with_name(out.name + ".report.json")
     args = [model, "--to", to, "-o", str(out), "--quiet", "--json-report", str(rep), *extra]
-    prev = earlier_run(out, args) if rep.is_file() else None
+    key = [*args, *(f"env:{k}={v}" for k, v in sorted((env or {}).items()))]  # what the stamp records
+    prev = earlier_run(out, key) if rep.is_file() else None
     # a report without `calibration` predates BOS-first calibration windows: same arguments, other windows
     if prev is not None and "calibration" in (old := json.loads(rep.read_text())):
         print(f"reusing {out} (exported in {prev['wall_seconds']:.0f}s)", flush=True)
         return {**old, "wall_seconds": prev["wall_seconds"], "reused": True}
-    secs, _ = cli(*args)
-    stamp_run(out, args, wall_seconds=secs)
+    secs, _ = cli(*args, env=env)
+    stamp_run(out, key, wall_seconds=secs)
     return {**json.loads(rep.read_text()), "wall_seconds": secs, "reused": False}
 
 

@@ -195,7 +195,7 @@ def _stories_md(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     return ["### stories260K", "", qs.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(), "",
-            md_table(rows, ["grid", "method", "calib", "ppl_file", "ppl_ir", "kld", "quant_s"]), "",
+            md_table(rows, ["grid", "method", "calib", "ppl_file", "ppl_ir", "kld", "quant_s", "same_ir"]), "",
             f"`ppl_file`: the ONNX file in ONNX Runtime; `ppl_ir`: our fake-quant IR; {qs.WINDOWS} TinyStories windows of "
             f"{qs.SEQLEN} tokens. Fallbacks, per grid (the same for RTN, GPTQ and ADMM-Q): {_fallbacks_by_grid(rows)}.",
             *_ar_skipped_note(rows), "",
@@ -238,10 +238,9 @@ def _kept_note(kept: list[dict]) -> list[str]:
     return [f"Rows of {grids} are kept from earlier runs of this suite (column `calib`; machine {cpus}; "
             "`BENCH_QUALITY_ONLY` / `BENCH_QUALITY_METHODS` reran the others); the original models' rows are "
             "re-measured. Rows of different runs are not reruns of each other to the bit: GPTQ's and ADMM-Q's codes "
-            "follow the host's float summation order (README, Reproducibility). SmolLM2 W4 g32 asym, measured with the "
-            "same code on 12-07 (Intel Xeon) and on 12-08 (AMD EPYC, AVX2, 1.6-1.8x slower): GPTQ 38.40 -> 37.83, ADMM-Q "
-            "32.85 -> 33.04 (`quant_s` 32.5 -> 57.6 s, 68.7 -> 106.3 s). So compare times within a run; each grid's "
-            "GPTQ and ADMM-Q rows, whose times give the time ratio below, come from one host.", ""]
+            "follow the host's float summation order (README, Reproducibility; the stories260K section measures it), "
+            "and hosts differ in speed, so compare times within a run: each grid's GPTQ and ADMM-Q rows, whose times "
+            "give the time ratio below, come from one host.", ""]
 
 
 def _bpw(grid: str) -> float:

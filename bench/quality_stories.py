@@ -8,14 +8,14 @@ Evaluation: TinyStories (the model's own domain; ../shared/data/tinystories-samp
 128-token windows, KLD vs the fp32 model. AutoRound (iters=50, batch 4, the same windows, its `auto_gptq` export
 read back by our GPTQ loader) skips every linear with a dim its group size does not divide, so its rows are not on
 the same grid: the linears it left unquantized are named under the table, and its rows are left out of the plot.
-ADMM-Q's codes follow the CPU's float summation order (README, Reproducibility); on these tiny layers that moves
-its rows by a few per cent. Measured on 2 AMD EPYC cores (AVX2, 2 threads: the table's rows), the same exports at
-OMP_NUM_THREADS=1 and with ATEN_CPU_CAPABILITY=default (no SIMD) gave W4 5.620 / 5.662, W3 8.136 / 8.221, W2 137.1
-(the same IR) / 143.0, and an earlier run (93efe25: the same quantizer code, another environment) recorded 5.557 / 8.063 / 142.0: ADMM-Q stays
-ahead of GPTQ throughout. RTN (W4) and GPTQ (W4, W2) wrote byte-identical IRs in every setting.
+Rows `METHOD, 1 thread` / `METHOD, no SIMD`: the same export with OMP_NUM_THREADS=1 / ATEN_CPU_CAPABILITY=default
+(the table's rows: torch's default threads and SIMD level, in the machine line), ADMM-Q on every grid and RTN and
+GPTQ on the first; `same_ir`: whether its IR's codes and parameters equal the table row's byte for byte (README,
+Reproducibility). Those rows are left out of the plot.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 from .autoround_peer import autoround
@@ -29,10 +29,48 @@ SEQLEN = 128
 NSAMPLES = 128
 WINDOWS = 48  # of the sample's ~7.5k tokens, 48 x 128 (the second half of each window scored)
 AR_ITERS = 50
+SETTINGS = {"1 thread": {"OMP_NUM_THREADS": "1"}, "no SIMD": {"ATEN_CPU_CAPABILITY": "default"}}
 
 
 def _eval(target: str, reference: str | None = None) -> dict:
     return evaluate(target, DATA, "llamacpp", WINDOWS, seqlen=SEQLEN, reference=reference)
+
+
+def _path(method: str, bits: int, group: int, sym: bool, tag: str = ""):
+    return OUT / "quality" / f"stories-{method}-w{bits}g{group}{'s' if sym else 'a'}{tag}.onnx"
+
+
+def _export(method: str, bits: int, group: int, sym: bool, tag: str = "", env: dict | None = None):
+    """(the ONNX file, the export's report) of one stories260K row."""
+    out = _path(method, bits, group, sym, tag)
+    rep = export(MODEL, "onnx", out, "--method", method, "--bits", str(bits), "--group-size", str(group),
+                 "--sym" if sym else "--asym", "--fallback", "per-channel", "--nsamples", str(NSAMPLES),
+                 "--seqlen", str(SEQLEN), env=env)
+    return out, rep
+
+
+def _row(grid: str, method: str, out, rep, ir: bool = True) -> dict:
+    f = _eval(str(out), MODEL)
+    return {"grid": grid, "method": method, "calib": calib_label(NSAMPLES, SEQLEN, rep["calibration"]["bos"]),
+            "ppl_file": f["ppl"], "ppl_ir": _eval(f"{out}.ir")["ppl"] if ir else None, "kld": f.get("kld"),
+            "quant_s": sum(s["seconds"] for s in rep["stats"].values()), "fallback": _fallbacks(rep["report"])}
+
+
+def _ir_hash(onnx_out) -> str:
+    return hashlib.sha256((onnx_out.parent / f"{onnx_out.name}.ir" / "ir.safetensors").read_bytes()).hexdigest()
+
+
+def _setting_rows(gname) -> list[dict]:
+    """The SETTINGS rows: ADMM-Q on every grid, RTN and GPTQ on the first, each against the table row's IR."""
+    rows = []
+    for i, (bits, group, sym) in enumerate(GRIDS):
+        for method in METHODS if i == 0 else ["admmq"]:
+            ref = _ir_hash(_path(method, bits, group, sym))  # the table's row, written by run() just before
+            for name, env in SETTINGS.items():
+                out, rep = _export(method, bits, group, sym, "-" + name.replace(" ", "-"), env)
+                rows.append({**_row(gname(bits, group, sym), f"{method}, {name}", out, rep, ir=False),
+                             "same_ir": "yes" if _ir_hash(out) == ref else "no"})
+    return rows
 
 
 def run(gname) -> tuple[list[dict], dict]:
@@ -41,18 +79,9 @@ def run(gname) -> tuple[list[dict], dict]:
     rows = [{"grid": "-", "method": "original", "ppl_file": base["ppl"]}]
     for bits, group, sym in GRIDS:
         for method in METHODS:
-            out = OUT / "quality" / f"stories-{method}-w{bits}g{group}{'s' if sym else 'a'}.onnx"
-            rep = export(MODEL, "onnx", out, "--method", method, "--bits", str(bits), "--group-size", str(group),
-                         "--sym" if sym else "--asym", "--fallback", "per-channel", "--nsamples", str(NSAMPLES),
-                         "--seqlen", str(SEQLEN))
-            f = _eval(str(out), MODEL)
-            rows.append({"grid": gname(bits, group, sym), "method": method,
-                         "calib": calib_label(NSAMPLES, SEQLEN, rep["calibration"]["bos"]),
-                         "ppl_file": f["ppl"], "ppl_ir": _eval(f"{out}.ir")["ppl"], "kld": f.get("kld"),
-                         "quant_s": sum(s["seconds"] for s in rep["stats"].values()),
-                         "fallback": _fallbacks(rep["report"])})
+            rows.append(_row(gname(bits, group, sym), method, *_export(method, bits, group, sym)))
         rows.append(_autoround_row(bits, group, sym, gname(bits, group, sym)))
-    return rows, base
+    return rows + _setting_rows(gname), base
 
 
 def _autoround_row(bits: int, group: int, sym: bool, grid: str) -> dict:
